@@ -1,0 +1,35 @@
+"""Named errors of cubeline's model layer.
+
+Every domain error says what went wrong *and* what to do about it (torchgeo's habit): the
+message names the file, field or port involved and the fix.
+"""
+
+from __future__ import annotations
+
+
+class CubelineError(Exception):
+    """Base class of every error raised on purpose by cubeline."""
+
+
+class PortConnectionError(CubelineError):
+    """Two ports cannot be connected (unknown port, dtype or dimension mismatch)."""
+
+
+class PipelineError(CubelineError):
+    """The graph itself is invalid (cycle, duplicate name, unknown node, missing input)."""
+
+
+class NotInitializedError(CubelineError):
+    """A statistical node was used before Phase 1 fitted it."""
+
+
+class DataValidationError(CubelineError):
+    """An input file, frame or annotation failed validation (names file, field and fix)."""
+
+
+class ConfigError(CubelineError):
+    """A configuration (YAML, params.yaml, pipeline file) is invalid."""
+
+
+class TrainingError(CubelineError):
+    """Phase 2 cannot start or had to stop (no loss node, NaN loss, unknown optimizer...)."""
