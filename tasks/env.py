@@ -1,0 +1,66 @@
+"""Process environment for the orchestration layer: telemetry off, repository root, lazy imports.
+
+Every switch below was measured to be needed for a run that opens no connection outside loopback
+(see ``../shared/STACK.md``). They must be in ``os.environ`` *before* prefect, mlflow or dvc are
+imported, because each library reads its settings at import time; the CLI therefore calls
+:func:`disable_telemetry` first thing, and ``tasks/__init__.py`` calls it on import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Values are forced, not defaulted: a user's environment must not turn analytics back on.
+TELEMETRY_ENV: dict[str, str] = {
+    "DO_NOT_TRACK": "true",  # MLflow accepts only "true", not "1"
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+#: Defaults a user may override (set only when absent).
+DEFAULT_ENV: dict[str, str] = {
+    # The temporary Prefect API server takes 15-27 s on a fresh PREFECT_HOME here; the library
+    # default of 20 s fails the first run on a slow disk.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # MLflow otherwise warns on every run when git lacks a user, or GitPython cannot find git.
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+ROOT_ENV = "CUBELINE_ROOT"
+
+
+def disable_telemetry() -> None:
+    """Turn off every analytics/telemetry call of Prefect, MLflow and DVC in this process.
+
+    Child processes (Prefect's temporary API server, ``dvc`` subprocesses) inherit the settings.
+    """
+    os.environ.update(TELEMETRY_ENV)
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """Return the cubeline repository root.
+
+    ``$CUBELINE_ROOT`` wins; otherwise the nearest directory at or above ``start`` (default: the
+    working directory) holding both ``params.yaml`` and ``data.dvc``; otherwise the checkout this
+    module was imported from.
+
+    Args:
+        start: Directory to search upwards from.
+
+    Returns:
+        The absolute repository root.
+    """
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "params.yaml").is_file() and (candidate / "data.dvc").is_file():
+            return candidate
+    return Path(__file__).resolve().parent.parent
