@@ -1,0 +1,46 @@
+"""Data layer: frame readers, COCO annotations, pandera schemas and Lightning data modules."""
+
+from nodes.data.coco import (
+    CocoAnnotations,
+    anomaly_mask,
+    decode_rle,
+    encode_rle,
+    load_coco,
+    rasterize_polygons,
+)
+from nodes.data.datamodule import CubeDataModule, SingleCu3sDataModule
+from nodes.data.readers import (
+    SUPPORTED_SUFFIXES,
+    Frame,
+    count_frames,
+    iter_frames,
+    read_frame,
+    read_frames,
+)
+from nodes.data.schemas import (
+    AnnotationSchema,
+    FrameSummarySchema,
+    validate_annotations,
+    validate_frames,
+)
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "AnnotationSchema",
+    "CocoAnnotations",
+    "CubeDataModule",
+    "Frame",
+    "FrameSummarySchema",
+    "SingleCu3sDataModule",
+    "anomaly_mask",
+    "count_frames",
+    "decode_rle",
+    "encode_rle",
+    "iter_frames",
+    "load_coco",
+    "rasterize_polygons",
+    "read_frame",
+    "read_frames",
+    "validate_annotations",
+    "validate_frames",
+]
