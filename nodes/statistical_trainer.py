@@ -1,0 +1,257 @@
+"""Phase 1: statistical initialization in as few passes over the data as the graph allows.
+
+Plan: for each statistical node, walk upstream from its main input through *affine* nodes
+(normalizer, selector, PCA, ...) to the first non-affine output — its *root*. One streaming pass
+accumulates float64 moments (:class:`~nodes.stats.MomentAccumulator`) at every root whose
+upstream nodes are already fitted; the nodes are then fitted in topological order from the root
+moments pushed through the (now fitted) affine maps. A chain normalizer → selector → RX thus costs
+one pass; a node behind a non-affine one (e.g. a logit head behind RX) needs one more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nodes.base import Node
+from nodes.data_node import AnomalyDataNode
+from nodes.errors import CubelineError, DataValidationError, PipelineError
+from nodes.metrics import AnomalyDetectionMetrics
+from nodes.pipeline import Pipeline
+from nodes.stats import MomentAccumulator, MomentState
+
+
+@dataclass
+class FitReport:
+    """What a Phase-1 fit did.
+
+    Attributes:
+        passes: Number of passes over the training data.
+        pixels: Pixels accumulated in the first pass (after masking and subsampling).
+        seconds: Wall time of the fit.
+        root_moments: Moments collected at each root port (``"<node>.<port>"``); the data node's
+            cube moments are the raw-band statistics the drift check compares against.
+        fitted: Names of the nodes fitted, in order.
+        plan: For each fitted node, its root port and the affine chain between.
+    """
+
+    passes: int = 0
+    pixels: int = 0
+    seconds: float = 0.0
+    root_moments: dict[str, MomentState] = field(default_factory=dict)
+    fitted: list[str] = field(default_factory=list)
+    plan: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+
+    @property
+    def throughput_mpix_s(self) -> float:
+        """Pixels of the first pass per second of the whole fit, in millions."""
+        return self.pixels / self.seconds / 1e6 if self.seconds > 0 else float("nan")
+
+
+def _as_samples(t: Tensor) -> Tensor:
+    """Pixel rows: (B, H, W, C) → (N, C); (B, H, W) → (N, 1)."""
+    if t.ndim == 4:
+        return t.reshape(-1, t.shape[-1])
+    if t.ndim == 3:
+        return t.reshape(-1, 1)
+    raise PipelineError(f"cannot take pixel moments of a tensor of shape {tuple(t.shape)}")
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+    }
+
+
+class StatisticalTrainer:
+    """Fit the statistical nodes of a pipeline on a datamodule's training split.
+
+    Args:
+        pipeline: The pipeline to initialize.
+        datamodule: A LightningDataModule (e.g. :class:`~nodes.data.CubeDataModule`), or any
+            object with ``setup(stage)``, ``train_dataloader()`` and ``val_dataloader()``.
+        normal_only: Exclude pixels labelled anomalous (via the data node's mask) from the
+            statistics — the guide's best practice; default counts every pixel (textbook RX).
+        sample_fraction: Keep this random fraction of pixels (seeded) to calibrate faster.
+        seed: Seed of the pixel subsampling.
+        device: Where to compute; defaults to the pipeline's device.
+        refit: Also refit nodes that are already initialized.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        datamodule: Any,
+        *,
+        normal_only: bool = False,
+        sample_fraction: float | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        refit: bool = True,
+    ) -> None:
+        if sample_fraction is not None and not 0.0 < sample_fraction <= 1.0:
+            raise CubelineError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        self.pipeline = pipeline
+        self.datamodule = datamodule
+        self.normal_only = normal_only
+        self.sample_fraction = sample_fraction
+        self.seed = seed
+        self.refit = refit
+        if device is None:
+            tensors = [*pipeline.parameters(), *pipeline.buffers()]
+            device = tensors[0].device if tensors else torch.device("cpu")
+        self.device = torch.device(device)
+        self.report = FitReport()
+
+    # -------------------------------------------------------------- planning
+    def _root_of(self, node: Node) -> tuple[str, list[str]]:
+        """Root port of ``node`` and the affine chain from the root to the node."""
+        p = self.pipeline
+        chain: list[str] = []
+        current = node
+        while True:
+            port = current.MAIN_INPUT
+            edge = p.inputs_of(current.name).get(port or "")
+            if edge is None:
+                raise PipelineError(
+                    f"statistical node {current.name!r} has no connection into its input "
+                    f"{port!r}; connect it before StatisticalTrainer.fit()"
+                )
+            src: Node = p.nodes[edge.src]  # type: ignore[assignment]
+            passes_through = (
+                src.is_affine
+                and edge.src_port == src.MAIN_OUTPUT
+                and (src.affine_keeps_minmax or not node.fit_needs_minmax)
+            )
+            if not passes_through:
+                return f"{edge.src}.{edge.src_port}", chain
+            chain.insert(0, src.name)
+            current = src
+
+    def _data_node(self) -> Node | None:
+        for n in self.pipeline.node_list():
+            if isinstance(n, AnomalyDataNode):
+                return n
+        return None
+
+    # --------------------------------------------------------------- running
+    def _batches(self, split: str) -> Iterator[dict[str, Any]]:
+        dm = self.datamodule
+        if hasattr(dm, "setup"):
+            dm.setup("fit" if split == "train" else "validate")
+        loader: Iterable[Mapping[str, Any]] = getattr(dm, f"{split}_dataloader")()
+        count = 0
+        for batch in loader:
+            count += 1
+            yield _to_device(batch, self.device)
+        if count == 0:
+            raise DataValidationError(
+                f"the {split} split of the datamodule is empty; give it at least one frame id"
+            )
+
+    def fit(self) -> FitReport:
+        """Fit every statistical node; returns a :class:`FitReport`."""
+        t0 = time.perf_counter()
+        p = self.pipeline
+        order = p.topological_order()
+        pending = [
+            n
+            for n in p.node_list()
+            if n.requires_initial_fit and (self.refit or not n.is_initialized)
+        ]
+        report = FitReport()
+        data_node = self._data_node()
+        mask_key = f"{data_node.name}.mask" if data_node is not None else None
+        gen = torch.Generator().manual_seed(self.seed)
+        while pending:
+            pending_names = {n.name for n in pending}
+            plans = {n.name: self._root_of(n) for n in pending}
+            ready = [
+                n for n in pending
+                if not (p.ancestors([plans[n.name][0].split(".", 1)[0]]) & pending_names)
+            ]
+            if not ready:  # cannot happen in a DAG; guard against an endless loop
+                raise PipelineError(f"cannot order the statistical nodes {sorted(pending_names)}")
+            roots = sorted({plans[n.name][0] for n in ready})
+            accs: dict[str, MomentAccumulator] = {}
+            wanted = list(roots) + ([mask_key] if self.normal_only and mask_key else [])
+            first_pixels = 0
+            with torch.no_grad():
+                for batch in self._batches("train"):
+                    out = p.forward(batch, stage="train", outputs=wanted)
+                    keep = self._pixel_selection(out, mask_key, gen)
+                    for root in roots:
+                        x = _as_samples(out[root])
+                        if keep is not None:
+                            x = x[keep]
+                        if root not in accs:
+                            accs[root] = MomentAccumulator(x.shape[1], device=x.device)
+                        accs[root].update(x)
+                        if root == roots[0]:
+                            first_pixels += x.shape[0]
+            report.passes += 1
+            if report.passes == 1:
+                report.pixels = first_pixels
+            for root in roots:
+                state = accs[root].finalize()
+                if state.count < 2:
+                    raise DataValidationError(
+                        f"only {state.count} training pixels reached {root}; Phase 1 needs more "
+                        "(check train_ids, normal_only and sample_fraction)"
+                    )
+                report.root_moments[root] = state.to("cpu")
+            with torch.no_grad():
+                for node in sorted(ready, key=lambda n: order.index(n.name)):
+                    root, chain = plans[node.name]
+                    m = accs[root].finalize()
+                    for cname in chain:
+                        amap = p.nodes[cname].affine_map()  # type: ignore[operator]
+                        if amap is None:
+                            raise PipelineError(f"node {cname!r} is not fitted yet")
+                        a, b, keeps = amap
+                        m = m.affine(a, b, keeps_minmax=keeps)
+                    node.fit_from_moments(m)
+                    report.fitted.append(node.name)
+                    report.plan[node.name] = (root, chain)
+            pending = [n for n in pending if n not in ready]
+        report.seconds = time.perf_counter() - t0
+        self.report = report
+        return report
+
+    def _pixel_selection(self, out: Mapping[str, Tensor], mask_key: str | None,
+                         gen: torch.Generator) -> Tensor | None:
+        keep: Tensor | None = None
+        if self.normal_only:
+            if mask_key is None or mask_key not in out:
+                raise PipelineError(
+                    "normal_only=True needs an AnomalyDataNode whose mask marks the anomalies"
+                )
+            keep = ~out[mask_key].reshape(-1)
+        if self.sample_fraction is not None and self.sample_fraction < 1.0:
+            n = next(iter(out.values())).shape[:3].numel()
+            pick = (torch.rand(n, generator=gen) < self.sample_fraction).to(self.device)
+            keep = pick if keep is None else keep & pick
+        return keep
+
+    def validate(self) -> dict[str, float]:
+        """Run the validation split; returns ``{"<metric node>/<metric>": value}``."""
+        return evaluate_pipeline(self.pipeline, self._batches("val"), stage="val")
+
+
+def evaluate_pipeline(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]],
+                      stage: str = "val") -> dict[str, float]:
+    """Run ``batches`` through ``pipeline`` and collect every metric node's results."""
+    metric_nodes = [n for n in pipeline.node_list() if isinstance(n, AnomalyDetectionMetrics)]
+    if not metric_nodes:
+        raise PipelineError("the pipeline has no metric node (e.g. AnomalyDetectionMetrics)")
+    for m in metric_nodes:
+        m.reset()
+    with torch.no_grad():
+        for batch in batches:
+            pipeline.forward(batch, stage=stage)
+    return {f"{m.name}/{k}": v for m in metric_nodes for k, v in m.compute().items()}
