@@ -1,0 +1,225 @@
+"""``params.yaml``: every knob of the flows, loaded into frozen typed configs.
+
+One section per flow/step (Kedro's habit); each model forbids unknown keys, so a misspelt knob
+fails when the file is read, with a message naming the dotted field, ``params.yaml`` and the
+section. Phase 2 reuses :class:`nodes.config.TrainingConfig` as is.
+
+:func:`section_hash` gives a stable digest of one section's *validated* content (defaults filled
+in, keys sorted): the task cache keys use it, so editing a comment or reordering keys does not
+invalidate a cache, while changing a value re-runs exactly the steps that read that section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from nodes.config import ConfigModel, TrainingConfig
+from nodes.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+FrameIds = tuple[Annotated[int, Field(ge=0)], ...]
+
+
+class DataParams(ConfigModel):
+    """Frames and splits (ids index the frames of ``paths`` in order)."""
+
+    paths: tuple[str, ...] = Field(min_length=1)
+    train_ids: FrameIds = Field(min_length=1)
+    val_ids: FrameIds = Field(min_length=1)
+    test_ids: FrameIds = Field(min_length=1)
+    batch_size: Annotated[int, Field(ge=1)] = 1
+    annotation_path: str | None = None
+    expected_channels: Annotated[int, Field(ge=1)] | None = None
+    dvc_file: str = "data.dvc"
+
+
+class PipelineParams(ConfigModel):
+    """The channel-selector pipeline (:func:`nodes.presets.build_channel_selector_pipeline`)."""
+
+    name: str = "Channel_Selector"
+    n_select: Annotated[int, Field(ge=1)] = 10
+    eps: Annotated[float, Field(ge=0)] = 1e-6
+    temperature_init: PositiveFloat = 5.0
+    bce_weight: PositiveFloat = 10.0
+    normal_class_ids: tuple[int, ...] = (0,)
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    unfreeze: tuple[str, ...] = ("selector", "rx", "logit_head")
+
+
+class ShardingParams(ConfigModel):
+    """Where Phase 1 runs (the Dask runner is a later issue; the knob is here already)."""
+
+    runner: Literal["inprocess", "dask"] = "inprocess"
+    address: str | None = None
+    n_shards: Annotated[int, Field(ge=1)] = 1
+
+
+class Phase1Params(ConfigModel):
+    """Statistical initialization (:class:`nodes.StatisticalTrainer`)."""
+
+    normal_only: bool = True
+    sample_fraction: Fraction | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
+    sharding: ShardingParams = Field(default_factory=ShardingParams)
+
+
+class ThresholdParams(ConfigModel):
+    """Decision-threshold calibration on the validation frames (:mod:`nodes.threshold`)."""
+
+    method: Literal["auto", "fpr", "max_f1"] = "fpr"
+    target_fpr: Annotated[float, Field(gt=0, lt=1)] = 0.01
+
+
+class DriftParams(ConfigModel):
+    """Drift thresholds (:class:`nodes.drift.DriftThresholds`) and what drift_watch reads."""
+
+    ridge: PositiveFloat = 1e-2
+    mean_shift: PositiveFloat = 1.5
+    cov_divergence: PositiveFloat = 0.3
+    band_smd: PositiveFloat = 1.0
+    band_log_var_ratio: PositiveFloat = 0.693
+    band_fraction: Fraction = 0.1
+    min_criteria: Annotated[int, Field(ge=1, le=3)] = 1
+    watch_paths: tuple[str, ...] = ()
+
+    def thresholds(self) -> Any:
+        """The :class:`nodes.drift.DriftThresholds` of this section."""
+        from nodes.drift import DriftThresholds
+
+        return DriftThresholds(**self.model_dump(exclude={"watch_paths"}))
+
+
+class GateParams(ConfigModel):
+    """Promotion gate (the fields of ``tasks.registry.GateConfig``)."""
+
+    metric: str = "metrics_anomaly/auroc"
+    mode: Literal["max", "min"] = "max"
+    min_improvement: Annotated[float, Field(ge=0)] = 0.0
+    absolute_thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class RegistryParams(ConfigModel):
+    """MLflow model registry."""
+
+    model_name: str = Field(default="cubeline-channel-selector", min_length=1)
+    gate: GateParams = Field(default_factory=GateParams)
+
+
+class MlflowParams(ConfigModel):
+    """MLflow tracking.
+
+    ``tracking_uri: null`` means ``sqlite:///<repo>/mlflow.db`` with artifacts in
+    ``<repo>/mlartifacts``.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = Field(default="cubeline", min_length=1)
+
+
+class ScheduleParams(ConfigModel):
+    """Deployments served by ``cubeline serve``."""
+
+    retrain_cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    drift_watch_interval_s: Annotated[int, Field(ge=10)] = 3600
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> ScheduleParams:
+        if len(self.retrain_cron.split()) != 5:
+            raise ValueError(
+                f"retrain_cron {self.retrain_cron!r} needs 5 fields (minute hour day month "
+                "weekday), e.g. '0 3 * * 1'"
+            )
+        return self
+
+
+class DvcParams(ConfigModel):
+    """DVC remote and where initialization states are checked out."""
+
+    remote: str | None = "local"
+    states_dir: str = "outputs/states"
+
+
+class Params(ConfigModel):
+    """The whole ``params.yaml``."""
+
+    data: DataParams
+    pipeline: PipelineParams = Field(default_factory=PipelineParams)
+    phase1: Phase1Params = Field(default_factory=Phase1Params)
+    phase2: TrainingConfig = Field(default_factory=TrainingConfig)
+    threshold: ThresholdParams = Field(default_factory=ThresholdParams)
+    drift: DriftParams = Field(default_factory=DriftParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    schedule: ScheduleParams = Field(default_factory=ScheduleParams)
+    dvc: DvcParams = Field(default_factory=DvcParams)
+
+    def section_hash(self, *names: str) -> str:
+        """Stable digest of the named sections (all of them when none is named).
+
+        Args:
+            names: Section names, e.g. ``"data", "phase1"``.
+
+        Returns:
+            16 hex digits of the SHA-256 of the sections' canonical JSON.
+        """
+        fields = type(self).model_fields
+        unknown = [n for n in names if n not in fields]
+        if unknown:
+            raise ConfigError(
+                f"unknown params.yaml section(s) {unknown}; sections are {list(fields)}"
+            )
+        chosen = names or tuple(fields)
+        doc = {n: getattr(self, n).to_dict() for n in sorted(chosen)}
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate ``params.yaml``.
+
+    Args:
+        path: The file (or a directory holding ``params.yaml``).
+
+    Returns:
+        The frozen, validated parameters.
+
+    Raises:
+        ConfigError: File missing, not YAML, not a mapping, or a field invalid (the message names
+            the dotted field, the file and the section).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / PARAMS_FILE
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{p} does not exist; run from the cubeline repository root or pass --params"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p} must be a mapping of sections (data, pipeline, phase1, ...)")
+    if "data" not in doc:
+        raise ConfigError(f"{p} has no 'data' section; it names the frames and the splits")
+    return Params.from_dict(doc, source=p)
+
+
+def resolve_path(params_path: str | Path, path: str | Path) -> Path:
+    """Resolve a path of ``params.yaml`` against the file's directory."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    base = Path(params_path)
+    base = base if base.is_dir() else base.parent
+    return (base / p).resolve()

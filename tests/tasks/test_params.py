@@ -1,0 +1,100 @@
+"""params.yaml loading, validation messages and section hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nodes.config import TrainingConfig
+from nodes.drift import DriftThresholds
+from nodes.errors import ConfigError
+from tasks.params import Params, load_params, resolve_path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def params_file(tmp_path: Path) -> Path:
+    dst = tmp_path / "params.yaml"
+    dst.write_text((REPO / "params.yaml").read_text())
+    return dst
+
+
+def _edit(path: Path, section: str, key: str, value: object) -> None:
+    doc = yaml.safe_load(path.read_text())
+    doc[section][key] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_repo_params_load() -> None:
+    p = load_params(REPO)
+    assert isinstance(p.phase2, TrainingConfig)
+    assert p.data.train_ids and p.data.val_ids and p.data.test_ids
+    assert isinstance(p.drift.thresholds(), DriftThresholds)
+    assert p.drift.thresholds().mean_shift == p.drift.mean_shift
+    for rel in p.data.paths:
+        assert resolve_path(REPO / "params.yaml", rel).suffix in {".mat", ".npz", ".cu3s"}
+
+
+def test_unknown_key_names_field_and_file(params_file: Path) -> None:
+    _edit(params_file, "phase1", "normal_onyl", True)
+    with pytest.raises(ConfigError) as exc:
+        load_params(params_file)
+    msg = str(exc.value)
+    assert "phase1.normal_onyl" in msg
+    assert str(params_file) in msg
+    assert "normal_only" in msg  # the did-you-mean hint
+
+
+def test_nested_phase2_error_is_named(params_file: Path) -> None:
+    doc = yaml.safe_load(params_file.read_text())
+    doc["phase2"]["optimizer"]["lr"] = -1
+    params_file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"phase2\.optimizer\.lr"):
+        load_params(params_file)
+
+
+def test_bad_cron_and_missing_data(params_file: Path) -> None:
+    _edit(params_file, "schedule", "retrain_cron", "every monday")
+    with pytest.raises(ConfigError, match="5 fields"):
+        load_params(params_file)
+    params_file.write_text("pipeline: {}\n")
+    with pytest.raises(ConfigError, match="no 'data' section"):
+        load_params(params_file)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(params_file.parent / "nope.yaml")
+
+
+def test_section_hash_is_stable_and_local(params_file: Path) -> None:
+    base = load_params(params_file)
+    # Reordering keys and adding comments changes nothing.
+    doc = yaml.safe_load(params_file.read_text())
+    reordered = {k: doc[k] for k in reversed(list(doc))}
+    params_file.write_text("# a comment\n" + yaml.safe_dump(reordered, sort_keys=True))
+    same = load_params(params_file)
+    assert same.section_hash() == base.section_hash()
+    # A value change moves exactly the sections that hold it.
+    _edit(params_file, "phase1", "seed", base.phase1.seed + 1)
+    changed = load_params(params_file)
+    assert changed.section_hash("phase1") != base.section_hash("phase1")
+    assert changed.section_hash("data", "pipeline") == base.section_hash("data", "pipeline")
+    assert changed.section_hash() != base.section_hash()
+    # Defaults filled in: writing a default explicitly does not move the hash.
+    _edit(params_file, "phase1", "seed", base.phase1.seed)
+    _edit(params_file, "phase1", "sample_fraction", None)
+    assert load_params(params_file).section_hash("phase1") == base.section_hash("phase1")
+
+
+def test_section_hash_rejects_unknown_section() -> None:
+    p = load_params(REPO)
+    with pytest.raises(ConfigError, match=r"unknown params\.yaml section"):
+        p.section_hash("phase3")
+
+
+def test_params_are_frozen() -> None:
+    p = load_params(REPO)
+    with pytest.raises(Exception, match="frozen"):
+        p.data.batch_size = 2  # type: ignore[misc]
+    assert isinstance(p, Params)
