@@ -20,6 +20,7 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args, get_origin
 
@@ -77,7 +78,7 @@ def _normalise_name(value: Any) -> Any:
 def _unwrap_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     """Return the config model inside an annotation and whether it sits in a sequence.
 
-    Handles ``X | None``, ``Optional[X]``, ``list[X]``, ``tuple[X, ...]`` and ``Annotated[X, ...]``;
+    Handles ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``Sequence[X]`` and ``Annotated[X, ...]``;
     anything else resolves to ``(None, False)``.
     """
     origin = get_origin(annotation)
@@ -89,7 +90,7 @@ def _unwrap_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
             if model is not None:
                 return model, seq
         return None, False
-    if origin in (list, tuple):
+    if origin in (list, tuple, Sequence):
         args = [a for a in get_args(annotation) if a is not Ellipsis]
         if len(args) == 1:
             model, _ = _unwrap_model(args[0])
@@ -190,6 +191,26 @@ class ConfigModel(BaseModel):
     # by pydantic-core without calling it: errors then keep their full dotted path and all of
     # them are reported together, instead of the first nested one escaping as a ConfigError.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise ConfigError(
+            f"{type(self).__name__} is frozen: cannot set '{name}'. Build a changed copy with "
+            f"cfg.replace({name}=...)."
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise ConfigError(f"{type(self).__name__} is frozen: cannot delete '{name}'.")
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a validated copy with ``changes`` applied (like ``dataclasses.replace``).
+
+        Raises:
+            ConfigError: When the changed config is invalid.
+        """
+        data = self.to_dict()
+        for key, value in changes.items():
+            data[key] = value.to_dict() if isinstance(value, ConfigModel) else value
+        return type(self).from_dict(data)
 
     @classmethod
     def from_dict(
@@ -401,7 +422,8 @@ class CallbacksConfig(ConfigModel):
     """Callbacks of the gradient trainer: one checkpoint, any number of early stops, LR monitor."""
 
     checkpoint: ModelCheckpointConfig | None = None
-    early_stopping: tuple[EarlyStoppingConfig, ...] = ()
+    # Sequence so lists type-check as in the guide; stored as a tuple to stay immutable.
+    early_stopping: Sequence[EarlyStoppingConfig] = ()
     lr_monitor: LearningRateMonitorConfig | None = None
 
     @field_validator("early_stopping", mode="before")
@@ -413,6 +435,11 @@ class CallbacksConfig(ConfigModel):
         if isinstance(value, dict | EarlyStoppingConfig):
             return (value,)
         return value
+
+    @field_validator("early_stopping")
+    @classmethod
+    def _as_tuple(cls, value: Sequence[EarlyStoppingConfig]) -> tuple[EarlyStoppingConfig, ...]:
+        return tuple(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +457,7 @@ class TrainerConfig(ConfigModel):
 
     max_epochs: PositiveInt = 100
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
-    devices: int | str | tuple[int, ...] = "auto"
+    devices: int | str | Sequence[int] = "auto"
     precision: Precision = "32-true"
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
     log_every_n_steps: PositiveInt = 1
@@ -459,7 +486,9 @@ class TrainerConfig(ConfigModel):
 
     @field_validator("devices")
     @classmethod
-    def _check_devices(cls, value: int | str | tuple[int, ...]) -> int | str | tuple[int, ...]:
+    def _check_devices(cls, value: int | str | Sequence[int]) -> int | str | tuple[int, ...]:
+        if not isinstance(value, int | str):
+            value = tuple(value)
         if isinstance(value, bool):
             raise ValueError("devices must be 'auto', a count, -1 (all) or a list of indices")
         if isinstance(value, int):

@@ -209,7 +209,7 @@ def build_trainer_kwargs(
     if default_dirpath is None and cfg.default_root_dir is not None:
         default_dirpath = Path(cfg.default_root_dir) / "checkpoints"
     devices: int | str | list[int] = (
-        list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices
+        cfg.devices if isinstance(cfg.devices, int | str) else list(cfg.devices)
     )
     return {
         "max_epochs": cfg.max_epochs,
