@@ -1,0 +1,327 @@
+"""DVC versioning of the data and of Phase-1 initialization states, through DVC's Python API.
+
+**Data.** ``data.dvc`` records the MD5 content hash DVC computed for ``data/``. A run's data
+version is that hash, checked against the workspace with DVC's own hashing: DVC keeps file
+hashes in its state database keyed by inode, size and mtime, so the check costs milliseconds after
+the first run and never reads tensors (measured: 0.01 s for the bundled 22 MB, against ~0.6-1.8 s
+per ``dvc`` CLI call, most of it start-up). A workspace that differs from ``data.dvc`` is still
+hashed exactly; the run is then marked dirty.
+
+**Initialization states.** A state is a directory holding ``init_state.pt`` and its JSON sidecar
+(:func:`nodes.init_state.save_init_state`). :func:`version_init_state` stores it as one DVC tree
+object -- the same content-addressed layout ``dvc add`` produces, hash ``<md5>.dir`` -- in the
+local DVC cache and pushes it to the repository's DVC remote. No ``.dvc`` file is written: the
+state's hash is recorded in MLflow (tag ``cubeline.init_state_hash``), which is the index of
+states, so runs never leave changes in the git tree. :func:`restore_init_state` checks a state
+out again by its hash, from the cache or, when the cache lacks it (fresh clone, other machine),
+from the remote (``dvc pull`` by object id).
+
+dvc is imported inside the functions: ``import dvc.repo`` costs ~0.4 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from nodes.errors import ConfigError, DataValidationError
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "init_state.pt"
+STATE_META = "init_state.json"
+HASH_NAME = "md5"
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """The version of the data a run reads.
+
+    Attributes:
+        content_hash: DVC MD5 of what is in the workspace (equals ``recorded_hash`` when clean).
+        recorded_hash: The MD5 that ``dvc_file`` records.
+        dvc_file: The ``.dvc`` file, relative to the repository root.
+        out_path: The directory it tracks, relative to the repository root.
+        dirty: The workspace differs from ``dvc_file`` (run ``dvc add`` to version it).
+    """
+
+    content_hash: str
+    recorded_hash: str
+    dvc_file: str
+    out_path: str
+    dirty: bool
+
+
+@contextmanager
+def open_repo(root: Path) -> Iterator[Repo]:
+    """Open the DVC repository at ``root`` (closed on exit)."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(os.fspath(root))
+    except NotDvcRepoError:
+        raise ConfigError(
+            f"{root} is not a DVC repository (no .dvc/ directory); run cubeline from its "
+            "repository root, or `dvc init` there"
+        ) from None
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def read_dvc_file(root: Path, dvc_file: str = "data.dvc") -> tuple[str, str]:
+    """Return ``(md5, tracked path)`` recorded in a single-output ``.dvc`` file.
+
+    Raises:
+        ConfigError: The file is missing or does not record one output with an MD5.
+    """
+    path = root / dvc_file
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist; params.yaml data.dvc_file must name the .dvc file that "
+            "tracks the data (create it with `dvc add data`)"
+        ) from None
+    outs = doc.get("outs") if isinstance(doc, dict) else None
+    if not outs or not isinstance(outs, list) or len(outs) != 1 or "md5" not in outs[0]:
+        raise ConfigError(
+            f"{path} must record exactly one output with an md5 (as `dvc add data` writes it)"
+        )
+    return str(outs[0]["md5"]), str(outs[0]["path"])
+
+
+def _workspace_hash(repo: Repo, path: Path) -> str:
+    """DVC's MD5 of ``path`` as it is now, from DVC's inode/mtime-keyed state when unchanged."""
+    from dvc_data.hashfile.build import build
+
+    cache = repo.cache.local
+    _, _, obj = build(
+        cache,
+        os.fspath(path.resolve()),
+        cache.fs,
+        HASH_NAME,
+        dry_run=True,
+        state=repo.state,
+        ignore=repo.dvcignore,
+    )
+    return str(obj.hash_info.value)
+
+
+def data_version(root: Path, dvc_file: str = "data.dvc", paths: Sequence[Path] = ()) -> DataVersion:
+    """Content hash of the data, as recorded in ``dvc_file`` and checked against the workspace.
+
+    Args:
+        root: Repository root.
+        dvc_file: The ``.dvc`` file tracking the data directory.
+        paths: Files the run reads; each must lie inside the tracked directory.
+
+    Returns:
+        The data version (``dirty`` when the workspace differs from ``dvc_file``).
+
+    Raises:
+        ConfigError: ``dvc_file`` is invalid, or a path lies outside the tracked directory.
+        DataValidationError: The tracked directory is missing (run ``dvc pull``).
+    """
+    recorded, out = read_dvc_file(root, dvc_file)
+    out_dir = (root / out).resolve()
+    outside = [str(p) for p in paths if not Path(p).resolve().is_relative_to(out_dir)]
+    if outside:
+        raise ConfigError(
+            f"params.yaml data.paths {outside} lie outside {out_dir}, the directory tracked by "
+            f"{dvc_file}; runs read versioned data only: move the files there and run "
+            f"`dvc add {out}`"
+        )
+    if not out_dir.exists():
+        raise DataValidationError(
+            f"{out_dir} (tracked by {dvc_file}) is missing; run `dvc pull {dvc_file}`"
+        )
+    with open_repo(root) as repo:
+        current = _workspace_hash(repo, out_dir)
+    dirty = current != recorded
+    if dirty:
+        log.warning(
+            "%s differs from %s (workspace %s, recorded %s): this run uses the workspace; "
+            "run `dvc add %s` and commit %s to version it",
+            out,
+            dvc_file,
+            current,
+            recorded,
+            out,
+            dvc_file,
+        )
+    return DataVersion(current, recorded, dvc_file, out, dirty)
+
+
+def ensure_data(root: Path, dvc_file: str = "data.dvc", remote: str | None = None) -> bool:
+    """Check the tracked data out (from the cache, else the remote) when it is absent.
+
+    Returns:
+        True when data was restored, False when it was already there.
+    """
+    _, out = read_dvc_file(root, dvc_file)
+    if (root / out).exists():
+        return False
+    with open_repo(root) as repo:
+        repo.pull(targets=[os.fspath(root / dvc_file)], remote=remote)
+    return True
+
+
+def _push(repo: Repo, hashes: list[Any], remote: str | None, what: str) -> None:
+    from dvc.exceptions import DvcException
+
+    try:
+        result = repo.cloud.push(hashes, remote=remote)
+    except DvcException as exc:
+        raise ConfigError(
+            f"dvc push of {what} to remote {remote or '(default)'} failed: {exc}; check the "
+            "remote in .dvc/config (params.yaml dvc.remote)"
+        ) from exc
+    if result.failed:
+        raise ConfigError(
+            f"dvc push of {what} to remote {remote or '(default)'} failed for "
+            f"{sorted(h.value for h in result.failed)}"
+        )
+
+
+def version_init_state(state_dir: Path, *, root: Path, remote: str | None, states_dir: Path) -> str:
+    """Store an initialization state in the DVC cache under its content hash and push it.
+
+    Args:
+        state_dir: Directory holding ``init_state.pt`` and ``init_state.json`` (a staging copy;
+            it is moved to ``states_dir/<md5>`` on success).
+        root: Repository root (the DVC repository).
+        remote: DVC remote to push to (None: the default remote; no remote configured: kept in
+            the local cache only, with a warning).
+        states_dir: Where checked-out states live (``<md5>/init_state.pt``).
+
+    Returns:
+        The state's DVC hash, ``<md5>.dir``.
+
+    Raises:
+        ConfigError: The state files are missing, or the push fails.
+    """
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.transfer import transfer
+
+    files = sorted(p.name for p in state_dir.iterdir()) if state_dir.is_dir() else []
+    if files != sorted([STATE_FILE, STATE_META]):
+        raise ConfigError(
+            f"{state_dir} must hold exactly {STATE_FILE} and {STATE_META} (found {files}); "
+            "write them with nodes.init_state.save_init_state"
+        )
+    with open_repo(root) as repo:
+        cache = repo.cache.local
+        # A resolved path: with ".." in it DVC records "/name" as the relpath (another hash).
+        staging, _, obj = build(cache, os.fspath(state_dir.resolve()), cache.fs, HASH_NAME)
+        children = [oid for _, _, oid in obj]  # type: ignore[attr-defined]
+        transfer(staging, cache, {obj.hash_info, *children}, shallow=False, hardlink=False)
+        state_hash = str(obj.hash_info.value)
+        if remote is None and not repo.config["core"].get("remote"):
+            log.warning(
+                "no DVC remote configured: init state %s kept in the cache only", state_hash
+            )
+        else:
+            _push(repo, [obj.hash_info, *children], remote, f"init state {state_hash}")
+    _move_into_place(state_dir, states_dir / _folder(state_hash))
+    return state_hash
+
+
+def restore_init_state(
+    state_hash: str, *, root: Path, remote: str | None, states_dir: Path
+) -> Path:
+    """Return the ``init_state.pt`` of the state with DVC hash ``state_hash``.
+
+    Uses the checked-out copy in ``states_dir`` when it is intact, else checks the state out
+    from the DVC cache, pulling it from the remote first when the cache lacks it.
+
+    Args:
+        state_hash: The hash :func:`version_init_state` returned (``<md5>.dir``).
+        root: Repository root (the DVC repository).
+        remote: DVC remote to pull from (None: the default remote).
+        states_dir: Where checked-out states live.
+
+    Returns:
+        Path of ``init_state.pt`` (its JSON sidecar lies beside it).
+
+    Raises:
+        ConfigError: The hash is malformed or found neither in the cache nor on the remote.
+    """
+    from dvc_data.hashfile import load
+    from dvc_data.hashfile.checkout import checkout
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    if not state_hash.endswith(".dir") or len(state_hash) != 36:
+        raise ConfigError(
+            f"{state_hash!r} is not an initialization-state hash (expected 32 hex digits + "
+            "'.dir', as recorded in the MLflow tag cubeline.init_state_hash)"
+        )
+    target = states_dir / _folder(state_hash)
+    with open_repo(root) as repo:
+        if (target / STATE_FILE).is_file() and _workspace_hash(repo, target) == state_hash:
+            return target / STATE_FILE
+        cache = repo.cache.local
+        tree_id = HashInfo(HASH_NAME, state_hash)
+        if not cache.exists(state_hash):
+            _pull(repo, [tree_id], remote, state_hash)
+        tree = load(cache, tree_id)
+        missing = [oid for _, _, oid in tree if not cache.exists(oid.value)]  # type: ignore[attr-defined]
+        if missing:
+            _pull(repo, missing, remote, state_hash)
+        staging = states_dir / f".restore-{uuid.uuid4().hex}"
+        try:
+            checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
+            if target.exists():
+                shutil.rmtree(target)
+            _move_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target / STATE_FILE
+
+
+def _pull(repo: Repo, hashes: list[Any], remote: str | None, state_hash: str) -> None:
+    from dvc.exceptions import DvcException
+
+    try:
+        result = repo.cloud.pull(hashes, remote=remote)
+    except DvcException as exc:
+        raise ConfigError(
+            f"init state {state_hash} is not in the DVC cache and pulling it from remote "
+            f"{remote or '(default)'} failed: {exc}"
+        ) from exc
+    if result.failed or not all(repo.cache.local.exists(h.value) for h in hashes):
+        raise ConfigError(
+            f"init state {state_hash} is neither in the DVC cache ({repo.cache.local.path}) nor "
+            f"on remote {remote or '(default)'}; it was never pushed from the machine that "
+            "created it -- re-initialize with `cubeline train`"
+        )
+
+
+def _folder(state_hash: str) -> str:
+    return state_hash.removesuffix(".dir")
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` (same content hash) wins."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        src.rename(dst)
+    except OSError:
+        if not dst.is_dir():
+            raise
+        # Another run versioned the same content first: identical by construction.
+        shutil.rmtree(src, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""DVC versioning on a real DVC repository: a temporary copy of this one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nodes.errors import ConfigError
+from tasks.versioning import (
+    STATE_FILE,
+    STATE_META,
+    data_version,
+    ensure_data,
+    read_dvc_file,
+    restore_init_state,
+    version_init_state,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    """The working tree as git sees it (tracked + unignored files), as a fresh git repo."""
+    dst = tmp_path / "repo"
+    files = _git(REPO, "ls-files", "-co", "--exclude-standard", "-z").split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    _git(dst, "init", "-q")
+    _git(dst, "add", "-A")
+    _git(dst, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return dst
+
+
+def _state(tmp: Path, payload: bytes) -> Path:
+    d = tmp / f"staging-{payload[:4].hex()}"
+    d.mkdir()
+    (d / STATE_FILE).write_bytes(payload)
+    (d / STATE_META).write_text('{"source_data_hash": "x"}\n')
+    return d
+
+
+def test_data_version_fresh_clone_clean_then_dirty(repo: Path) -> None:
+    recorded, out = read_dvc_file(repo)
+    assert out == "data" and recorded.endswith(".dir")
+    assert not (repo / "data").exists()
+    assert ensure_data(repo) is True  # pulled from the in-repo remote
+    assert ensure_data(repo) is False
+    v = data_version(repo, paths=[repo / "data/session/abu-airport-1.mat"])
+    assert v.content_hash == v.recorded_hash == recorded
+    assert not v.dirty
+    with (repo / "data/session/abu-urban-5.mat").open("ab") as fh:
+        fh.write(b"\0")
+    changed = data_version(repo)
+    assert changed.dirty and changed.content_hash != recorded
+    assert changed.recorded_hash == recorded
+
+
+def test_paths_outside_the_tracked_dir_are_refused(repo: Path) -> None:
+    ensure_data(repo)
+    with pytest.raises(ConfigError, match="outside"):
+        data_version(repo, paths=[repo / "params.yaml"])
+
+
+def test_state_round_trip_through_cache_and_remote(repo: Path, tmp_path: Path) -> None:
+    states = repo / "outputs" / "states"
+    payload = b"state-bytes" * 1000
+    h = version_init_state(_state(tmp_path, payload), root=repo, remote="local", states_dir=states)
+    assert h.endswith(".dir") and len(h) == 36
+    assert (states / h[:-4] / STATE_FILE).read_bytes() == payload
+    assert (repo / "dvc-remote/files/md5" / h[:2] / h[2:]).is_file()
+    # Same content again: same hash, nothing duplicated.
+    again = version_init_state(
+        _state(tmp_path / "..", payload), root=repo, remote="local", states_dir=states
+    )
+    assert again == h
+    # Fresh machine: no checkout, empty cache -> pulled from the remote by hash.
+    shutil.rmtree(states)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    path = restore_init_state(h, root=repo, remote="local", states_dir=states)
+    assert path == states / h[:-4] / STATE_FILE
+    assert path.read_bytes() == payload
+    assert (path.parent / STATE_META).is_file()
+    # A tampered checkout is replaced by the versioned content.
+    path.chmod(0o644)
+    path.write_bytes(b"tampered")
+    assert (
+        restore_init_state(h, root=repo, remote="local", states_dir=states).read_bytes() == payload
+    )
+
+
+def test_versioning_leaves_the_git_tree_unchanged(repo: Path, tmp_path: Path) -> None:
+    ensure_data(repo)
+    before = _git(repo, "status", "--porcelain")
+    version_init_state(
+        _state(tmp_path, b"abc"), root=repo, remote="local", states_dir=repo / "outputs" / "states"
+    )
+    data_version(repo)
+    assert _git(repo, "status", "--porcelain") == before
+
+
+def test_unknown_and_malformed_hashes(repo: Path) -> None:
+    states = repo / "outputs" / "states"
+    with pytest.raises(ConfigError, match="neither in the DVC cache"):
+        restore_init_state("0" * 32 + ".dir", root=repo, remote="local", states_dir=states)
+    with pytest.raises(ConfigError, match="not an initialization-state hash"):
+        restore_init_state("abc", root=repo, remote="local", states_dir=states)
+
+
+def test_incomplete_state_dir_is_refused(repo: Path, tmp_path: Path) -> None:
+    d = tmp_path / "half"
+    d.mkdir()
+    (d / STATE_FILE).write_bytes(b"x")
+    with pytest.raises(ConfigError, match="exactly"):
+        version_init_state(d, root=repo, remote="local", states_dir=repo / "outputs" / "states")
+    assert not (repo / "outputs" / "states").exists()
