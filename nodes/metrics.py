@@ -1,9 +1,10 @@
 """Metric node: IoU, F1, precision, recall, AP and AUROC over pixels, in bounded memory.
 
-Counts come from torchmetrics' ``BinaryStatScores``; AP and AUROC use torchmetrics' *binned*
-implementations (a fixed threshold grid), so memory does not grow with the number of pixels
-and the states all-reduce across DDP ranks. The grid is uniform in logit space (passed through a
-gentle sigmoid so that float32 does not saturate before |logit| ≈ 100).
+Counts come from torchmetrics' ``BinaryStatScores``; AP and AUROC are *binned*: a torchmetrics
+``Metric`` counts normal and anomalous pixels per logit bin (``bucketize`` + ``bincount``, so an
+update is O(N log T) instead of the O(N·T) comparisons of a threshold sweep), and the precision-
+recall and ROC curves at every bin edge follow from reverse cumulative sums. Memory does not grow
+with the number of pixels and the states all-reduce (sum) across DDP ranks.
 """
 
 from __future__ import annotations
@@ -12,16 +13,59 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryStatScores
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryStatScores
 
 from nodes.base import Node
 from nodes.ports import PortSpec
 from nodes.registry import register_node
 
 _MAP = ("B", "H", "W")
-#: Logits are divided by this before the sigmoid of the binned metrics (monotone, so AP/AUROC
-#: are unchanged up to binning).
-_LOGIT_SOFTENING = 8.0
+
+
+class BinnedScoreCounts(Metric):
+    """Per-bin counts of normal and anomalous scores on a fixed grid; AP and AUROC from them.
+
+    Args:
+        low: Lowest bin edge.
+        high: Highest bin edge.
+        num_bins: Number of bins between the edges (plus an underflow and an overflow bin).
+    """
+
+    full_state_update = False
+    normal: Tensor
+    anomalous: Tensor
+    edges: Tensor
+
+    def __init__(self, low: float = -40.0, high: float = 40.0, num_bins: int = 4000) -> None:
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(low, high, num_bins + 1), persistent=False)
+        self.add_state("normal", torch.zeros(num_bins + 2, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("anomalous", torch.zeros(num_bins + 2, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, scores: Tensor, targets: Tensor) -> None:
+        """Count a batch of scores (any shape) with boolean targets of the same shape."""
+        s = scores.detach().reshape(-1).to(self.edges.dtype)
+        t = targets.reshape(-1).bool()
+        idx = torch.bucketize(s, self.edges, right=True)  # bin k holds edges[k-1] <= s < edges[k]
+        size = self.normal.numel()
+        self.normal += torch.bincount(idx[~t], minlength=size)
+        self.anomalous += torch.bincount(idx[t], minlength=size)
+
+    def compute(self) -> dict[str, Tensor]:
+        """AP and AUROC of the rule ``score >= edge`` over every edge."""
+        # Pixels at or above each bin start, from the top bin down (thresholds descending).
+        tp = self.anomalous.flip(0).cumsum(0).double()
+        fp = self.normal.flip(0).cumsum(0).double()
+        pos, neg = tp[-1], fp[-1]
+        recall = tp / pos.clamp_min(1)
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.ones_like(tp))
+        ap = ((recall - torch.cat([recall.new_zeros(1), recall[:-1]])) * precision).sum()
+        tpr = torch.cat([tp.new_zeros(1), recall])
+        fpr = torch.cat([fp.new_zeros(1), fp / neg.clamp_min(1)])
+        auroc = torch.trapezoid(tpr, fpr)
+        return {"ap": ap, "auroc": auroc}
 
 
 @register_node
@@ -47,16 +91,12 @@ class AnomalyDetectionMetrics(Node):
     DEFAULT_STAGES: ClassVar[frozenset[str]] = frozenset({"val", "test"})
     METRIC_NAMES: ClassVar[tuple[str, ...]] = ("iou", "f1", "precision", "recall", "ap", "auroc")
 
-    def __init__(self, name: str = "metrics_anomaly", num_thresholds: int = 2001,
+    def __init__(self, name: str = "metrics_anomaly", num_thresholds: int = 4000,
                  logit_range: float = 40.0, **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
         self._remember(num_thresholds=int(num_thresholds), logit_range=float(logit_range))
-        grid = torch.sigmoid(torch.linspace(-logit_range, logit_range, int(num_thresholds))
-                             / _LOGIT_SOFTENING)
         self.stat_scores = BinaryStatScores(threshold=0.5)
-        self.ap = BinaryAveragePrecision(thresholds=grid)
-        self.auroc = BinaryAUROC(thresholds=grid)
-        self._has_scores = False
+        self.curves = BinnedScoreCounts(-logit_range, logit_range, int(num_thresholds))
 
     def forward(  # type: ignore[override]
         self, decisions: Tensor, targets: Tensor, logits: Tensor | None = None
@@ -64,13 +104,8 @@ class AnomalyDetectionMetrics(Node):
         """Update the running state with one batch."""
         t = targets.reshape(-1).long()
         self.stat_scores.update(decisions.reshape(-1).float(), t)
-        if logits is not None:
-            self._has_scores = True
-            probs = torch.sigmoid(logits.detach().reshape(-1).float() / _LOGIT_SOFTENING)
-        else:
-            probs = decisions.reshape(-1).float()
-        self.ap.update(probs, t)
-        self.auroc.update(probs, t)
+        scores = logits if logits is not None else decisions.float()
+        self.curves.update(scores, targets)
         return {}
 
     def compute(self) -> dict[str, float]:
@@ -82,8 +117,9 @@ class AnomalyDetectionMetrics(Node):
         iou = tp / (tp + fp + fn) if tp + fp + fn else 0.0
         out = {"iou": iou, "f1": f1, "precision": precision, "recall": recall}
         if tp + fn > 0 and tn + fp > 0:
-            out["ap"] = float(self.ap.compute())
-            out["auroc"] = float(self.auroc.compute())
+            curves = self.curves.compute()
+            out["ap"] = float(curves["ap"])
+            out["auroc"] = float(curves["auroc"])
         else:  # one class only: AP/AUROC undefined
             out["ap"] = float("nan")
             out["auroc"] = float("nan")
@@ -92,5 +128,4 @@ class AnomalyDetectionMetrics(Node):
     def reset(self) -> None:
         """Clear the running state (start of an epoch)."""
         self.stat_scores.reset()
-        self.ap.reset()
-        self.auroc.reset()
+        self.curves.reset()
