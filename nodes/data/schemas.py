@@ -128,7 +128,7 @@ ANNOTATION_COLUMNS: dict[str, Any] = {
 _FIELD_OF_CHECK: dict[str, str] = {
     "mask_height_matches": "mask_height",
     "mask_width_matches": "mask_width",
-    "class_mask_shape_matches": "class_mask shape",
+    "class_mask_shape_matches": "class_mask",
     "wavelengths_match_channels": "n_wavelengths",
     "geometry_present": "segmentation/bbox",
 }
@@ -140,7 +140,7 @@ _FRAME_FIXES: dict[str, str] = {
     ),
     "mask_height": "store the mask with the cube's height and width (H x W, 1 = anomaly)",
     "mask_width": "store the mask with the cube's height and width (H x W, 1 = anomaly)",
-    "class mask shape": "store class_mask with the cube's height and width (H x W)",
+    "class_mask": "store class_mask with the cube's height and width (H x W)",
     "n_wavelengths": "store one wavelength per band (shape (C,)) or none at all",
     "channels": (
         "use files with the expected number of bands, or change expected_channels (the "
@@ -236,10 +236,10 @@ def _readable_error(
             )
             continue
         row = table.loc[int(index)]
-        value = row[field] if field in row.index else case["failure_case"]
+        value = f" = {row[field]}" if field in row.index else ""
         extra = extra_info(field, row) if extra_info is not None else ""
         lines.append(
-            f"  - {describe_row(row)}: field {field!r} = {value} fails {check}{extra}. Fix: {fix}."
+            f"  - {describe_row(row)}: field {field!r}{value} fails {check}{extra}. Fix: {fix}."
         )
     text = str(err)
     if len(text) > _PANDERA_TEXT_LIMIT:
@@ -261,7 +261,7 @@ def _frame_extra(field: str, row: pd.Series, expected_channels: int | None) -> s
             f" (cube is {row['height']} x {row['width']}, mask is "
             f"{row['mask_height']} x {row['mask_width']})"
         )
-    if field == "class mask shape":
+    if field == "class_mask":
         return (
             f" (cube is {row['height']} x {row['width']}, class_mask is "
             f"{row['class_mask_height']} x {row['class_mask_width']})"
