@@ -1,0 +1,159 @@
+"""Global RX (nodes/rx.py): published AUCs on the real ABU scenes, float64 reference scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from nodes import NotInitializedError, Pipeline, RXGlobal, StatisticalTrainer
+from nodes.data import CubeDataModule
+from nodes.data_node import AnomalyDataNode
+from nodes.errors import CubelineError
+from nodes.stats import MomentState
+
+#: Published global-RX ROC AUC (shared/data/README.md; Pant et al. 2025, Table 5, RX column).
+PUBLISHED_AUC: dict[str, float] = {
+    "airport-1": 0.8221,
+    "airport-2": 0.8404,
+    "urban-4": 0.9887,
+    "urban-5": 0.9692,
+    "urban-1": 0.9907,
+    "urban-2": 0.9946,
+    "beach-3": 0.9999,
+}
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    d = scipy.io.loadmat(path)
+    return d["data"], d["map"].astype(bool)
+
+
+def _fit(rx: RXGlobal, pixels: np.ndarray | torch.Tensor) -> RXGlobal:
+    rx.fit_from_moments(MomentState.from_samples(torch.as_tensor(pixels)))
+    return rx
+
+
+@pytest.mark.parametrize("scene", sorted(PUBLISHED_AUC))
+def test_published_global_rx_auc(
+    scene: str, scene_path: Callable[[str], Path], auc: Callable[..., float]
+) -> None:
+    """The textbook RX (all pixels, float64, ddof = 1, eps = 0) reproduces the paper."""
+    cube, truth = _load(scene_path(scene))
+    c = cube.shape[-1]
+    rx = _fit(RXGlobal(num_channels=c, eps=0.0), cube.reshape(-1, c).astype(np.float64))
+    # Score the float32 cube the data layer delivers: float64 happens inside the node.
+    scores = rx(data=torch.from_numpy(cube.astype(np.float32))[None])["scores"]
+    assert scores.shape == (1, *cube.shape[:2])
+    assert abs(auc(scores.double().numpy(), truth) - PUBLISHED_AUC[scene]) <= 5e-4
+
+
+def test_published_auc_through_statistical_trainer(
+    scene_path: Callable[[str], Path], auc: Callable[..., float]
+) -> None:
+    """Same figure when Phase 1 reads the scene through the data module (float32 batches)."""
+    path = scene_path("airport-1")
+    dm = CubeDataModule([path], train_ids=[0], val_ids=[0], test_ids=[0], batch_size=1)
+    pipe = Pipeline("rx")
+    data = AnomalyDataNode()
+    rx = RXGlobal(num_channels=205, eps=0.0)
+    pipe.connect((data.cube, rx.data))
+    report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
+    assert report.passes == 1 and report.pixels == 100 * 100
+    batch = next(iter(dm.test_dataloader()))
+    out = pipe.forward(batch=batch)
+    score = auc(out[f"{rx.name}.scores"].double().numpy(), batch["mask"].numpy())
+    assert abs(score - PUBLISHED_AUC["airport-1"]) <= 5e-4
+
+
+def test_scores_equal_explicit_inverse_reference() -> None:
+    rng = np.random.default_rng(0)
+    c = 6
+    a = rng.normal(size=(c, c)) + 3 * np.eye(c)  # well conditioned
+    x = rng.normal(size=(4000, c)) @ a.T + rng.normal(size=c)
+    eps = 0.25
+    rx = _fit(RXGlobal(num_channels=c, eps=eps), x)
+    mu = x.mean(0)
+    sigma = np.cov(x, rowvar=False) + eps * np.eye(c)
+    probe = rng.normal(size=(2, 5, 7, c)) * 2 + mu
+    d = probe.reshape(-1, c) - mu
+    ref = np.einsum("ij,jk,ik->i", d, np.linalg.inv(sigma), d).reshape(2, 5, 7)
+    got = rx(data=torch.from_numpy(probe))["scores"]
+    assert got.dtype == torch.float64  # output dtype follows the input
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
+    got32 = rx(data=torch.from_numpy(probe).float())["scores"]
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.double().numpy(), ref, rtol=1e-5)
+    np.testing.assert_allclose(rx.mu.numpy(), mu, rtol=1e-12)
+    np.testing.assert_allclose(rx.sigma.numpy(), sigma, rtol=1e-10)
+
+
+def test_buffers_are_nan_and_forward_refuses_before_fit() -> None:
+    rx = RXGlobal(num_channels=4)
+    assert rx.mu.shape == (4,) and rx.cov_factor.shape == (4, 4)
+    assert torch.isnan(rx.mu).all()
+    assert not rx._statistically_initialized
+    with pytest.raises(NotInitializedError, match=r"StatisticalTrainer\.fit\(\) first"):
+        rx(data=torch.zeros(1, 2, 2, 4))
+
+
+def test_sigma_property_and_setter() -> None:
+    rng = np.random.default_rng(1)
+    c = 5
+    a = rng.normal(size=(c, c))
+    cov = torch.from_numpy(a @ a.T + c * np.eye(c))
+    mean = torch.from_numpy(rng.normal(size=c))
+    rx = RXGlobal(num_channels=c, eps=1e-3)
+    rx.sigma = cov  # mu still NaN: not yet initialized
+    assert not rx.is_initialized
+    rx.mu = mean
+    rx.sigma = cov  # guide's "Option 2": assign mu and sigma directly
+    assert rx.is_initialized
+    # Assigned as given: no ridge is added to an explicit covariance.
+    torch.testing.assert_close(rx.sigma, cov, rtol=1e-12, atol=1e-12)
+    assert rx.sigma.shape == (c, c) and rx.sigma.dtype == torch.float64
+    torch.testing.assert_close(rx.sigma, rx.sigma.T, rtol=1e-14, atol=1e-14)
+    # sigma is derived from the Cholesky factor, kept lower triangular.
+    assert torch.equal(rx.cov_factor, torch.tril(rx.cov_factor))
+    x = torch.from_numpy(rng.normal(size=(1, 3, 3, c)))
+    d = (x.reshape(-1, c) - mean).numpy()
+    ref = np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov.numpy()), d)
+    np.testing.assert_allclose(rx(data=x)["scores"].reshape(-1).numpy(), ref, rtol=1e-10)
+    with pytest.raises(CubelineError, match=r"\(5, 5\)"):
+        rx.sigma = torch.eye(4, dtype=torch.float64)
+
+
+def test_fit_adds_eps_ridge() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(500, 3))
+    rx = _fit(RXGlobal(num_channels=3, eps=0.5), x)
+    np.testing.assert_allclose(rx.sigma.numpy(), np.cov(x, rowvar=False) + 0.5 * np.eye(3),
+                               rtol=1e-10)
+
+
+def test_non_positive_definite_covariance_error_says_what_to_do() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 4))
+    x[:, 2] = 0.0  # a dead band: zero variance, singular covariance
+    rx = RXGlobal(num_channels=4, eps=0.0, name="rx_dead")
+    with pytest.raises(CubelineError) as err:
+        _fit(rx, x)
+    msg = str(err.value)
+    assert "rx_dead" in msg
+    assert "not positive definite" in msg
+    assert "eps" in msg  # the fix: raise eps, fewer channels, more pixels
+    assert not rx.is_initialized  # nothing half-fitted
+    with pytest.raises(CubelineError, match="not positive definite"):
+        rx.sigma = -torch.eye(4, dtype=torch.float64)
+    # The same data fits with a ridge.
+    _fit(RXGlobal(num_channels=4, eps=1e-3), x)
+
+
+def test_fit_rejects_other_channel_count() -> None:
+    rx = RXGlobal(num_channels=4, name="rx4")
+    with pytest.raises(CubelineError, match="rx4.*4 channels.*3"):
+        _fit(rx, np.random.default_rng(0).normal(size=(50, 3)))
