@@ -79,8 +79,9 @@ class PipelineModule(L.LightningModule):
         total, parts = self._losses(batch, "train")
         if not torch.isfinite(total):
             ckpt = self.last_good_checkpoint or "none saved yet"
+            value = float(total.detach())
             raise TrainingError(
-                f"non-finite training loss ({float(total)}) at global step {self.global_step} "
+                f"non-finite training loss ({value}) at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); training stopped. Last good "
                 f"checkpoint: {ckpt}. Lower the learning rate, clip gradients "
                 "(trainer.gradient_clip_val) or check the input data for extreme values."

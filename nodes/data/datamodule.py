@@ -14,7 +14,7 @@ bool (True = anomaly), ``class_mask`` (B, H, W) int64 when every frame has one, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
-from nodes.data.readers import Frame, count_frames, read_frame
+from nodes.data.readers import Frame, count_frames, iter_frames_at, read_frame
 from nodes.data.schemas import validate_frames
 from nodes.errors import DataValidationError
 
@@ -69,6 +69,35 @@ def _check_ids(name: str, ids: Iterable[int]) -> list[int]:
             f"{name} lists frame id(s) {dupes} more than once. Fix: list each frame once."
         )
     return out
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees
+    exactly the frame order of an uninterrupted run (a sampler drawing from one long-lived
+    generator would restart its sequence after the resume).
+
+    Args:
+        n: Number of items.
+        seed: Base seed.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class CubeDataModule(L.LightningDataModule):
@@ -134,7 +163,6 @@ class CubeDataModule(L.LightningDataModule):
         self._summaries: pd.DataFrame | None = None
         self._with_class_mask = False
         self._memory_frames: list[Frame] | None = None  # set by from_arrays
-        self._train_generator = torch.Generator().manual_seed(self.seed)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -238,6 +266,16 @@ class CubeDataModule(L.LightningDataModule):
         path, i = self._index[frame_id]
         return read_frame(path, i, require_labels=self.annotation_path is None)
 
+    def _read_many(self, frame_ids: Sequence[int]) -> Iterator[Frame]:
+        # Consecutive ids of one file are read through one handle (one SDK session per .cu3s).
+        if self._memory_frames is not None:
+            yield from (self._memory_frames[f] for f in frame_ids)
+            return
+        require_labels = self.annotation_path is None
+        for path, group in itertools.groupby(frame_ids, key=lambda f: self._index[f][0]):
+            indices = [self._index[f][1] for f in group]
+            yield from iter_frames_at(path, indices, require_labels=require_labels)
+
     @property
     def is_setup(self) -> bool:
         """Whether ``setup`` has run (and every frame passed validation)."""
@@ -279,8 +317,7 @@ class CubeDataModule(L.LightningDataModule):
         cached_bytes = 0
         labels: dict[int, np.ndarray] = {}
         rows = []
-        for fid in wanted:
-            frame = self._read(fid)
+        for fid, frame in zip(wanted, self._read_many(wanted), strict=True):
             if coco is not None:
                 h, w = frame.cube.shape[:2]
                 labels[fid] = coco.class_mask(fid, h, w)
@@ -394,11 +431,11 @@ class CubeDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[Batch]:
         self._require_setup()
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=self._train_generator if shuffle else None,
+            sampler=EpochShuffleSampler(len(self.splits[split]), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
