@@ -21,6 +21,8 @@ dvc is imported inside the functions: ``import dvc.repo`` costs ~0.4 s.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -105,7 +107,7 @@ def read_dvc_file(root: Path, dvc_file: str = "data.dvc") -> tuple[str, str]:
     return str(outs[0]["md5"]), str(outs[0]["path"])
 
 
-def _workspace_hash(repo: Repo, path: Path) -> str:
+def _workspace_hash(repo: Repo, path: Path, *, inside: bool = True) -> str:
     """DVC's MD5 of ``path`` as it is now, from DVC's inode/mtime-keyed state when unchanged."""
     from dvc_data.hashfile.build import build
 
@@ -117,7 +119,8 @@ def _workspace_hash(repo: Repo, path: Path) -> str:
         HASH_NAME,
         dry_run=True,
         state=repo.state,
-        ignore=repo.dvcignore,
+        # .dvcignore patterns are relative to the repository: they only apply inside it.
+        ignore=repo.dvcignore if inside else None,
     )
     return str(obj.hash_info.value)
 
@@ -125,32 +128,45 @@ def _workspace_hash(repo: Repo, path: Path) -> str:
 def data_version(root: Path, dvc_file: str = "data.dvc", paths: Sequence[Path] = ()) -> DataVersion:
     """Content hash of the data, as recorded in ``dvc_file`` and checked against the workspace.
 
+    Files outside the tracked directory (new frames not versioned yet, e.g. what drift_watch
+    reads) are hashed file by file with DVC's hashing; their combined hash stands for the data
+    and the version is marked dirty.
+
     Args:
         root: Repository root.
         dvc_file: The ``.dvc`` file tracking the data directory.
-        paths: Files the run reads; each must lie inside the tracked directory.
+        paths: Files the run reads.
 
     Returns:
         The data version (``dirty`` when the workspace differs from ``dvc_file``).
 
     Raises:
-        ConfigError: ``dvc_file`` is invalid, or a path lies outside the tracked directory.
-        DataValidationError: The tracked directory is missing (run ``dvc pull``).
+        ConfigError: ``dvc_file`` is invalid.
+        DataValidationError: The tracked directory or a listed file is missing.
     """
     recorded, out = read_dvc_file(root, dvc_file)
     out_dir = (root / out).resolve()
-    outside = [str(p) for p in paths if not Path(p).resolve().is_relative_to(out_dir)]
-    if outside:
-        raise ConfigError(
-            f"params.yaml data.paths {outside} lie outside {out_dir}, the directory tracked by "
-            f"{dvc_file}; runs read versioned data only: move the files there and run "
-            f"`dvc add {out}`"
-        )
     if not out_dir.exists():
         raise DataValidationError(
             f"{out_dir} (tracked by {dvc_file}) is missing; run `dvc pull {dvc_file}`"
         )
+    outside = [Path(p) for p in paths if not Path(p).resolve().is_relative_to(out_dir)]
+    missing = [str(p) for p in outside if not p.exists()]
+    if missing:
+        raise DataValidationError(f"data files {missing} do not exist; check the paths")
     with open_repo(root) as repo:
+        if outside:
+            parts = [[Path(p).name, _workspace_hash(repo, Path(p), inside=False)] for p in paths]
+            digest = hashlib.md5(json.dumps(parts).encode(), usedforsecurity=False).hexdigest()
+            log.warning(
+                "%s lie outside %s (tracked by %s): hashed file by file, not versioned; move "
+                "them there and run `dvc add %s` to version them",
+                [str(p) for p in outside],
+                out,
+                dvc_file,
+                out,
+            )
+            return DataVersion(f"{digest}.files", recorded, dvc_file, out, dirty=True)
         current = _workspace_hash(repo, out_dir)
     dirty = current != recorded
     if dirty:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.errors import ConfigError
+from nodes.errors import ConfigError, DataValidationError
 from tasks.versioning import (
     STATE_FILE,
     STATE_META,
@@ -68,10 +68,18 @@ def test_data_version_fresh_clone_clean_then_dirty(repo: Path) -> None:
     assert changed.recorded_hash == recorded
 
 
-def test_paths_outside_the_tracked_dir_are_refused(repo: Path) -> None:
+def test_unversioned_paths_are_hashed_file_by_file(repo: Path, tmp_path: Path) -> None:
     ensure_data(repo)
-    with pytest.raises(ConfigError, match="outside"):
-        data_version(repo, paths=[repo / "params.yaml"])
+    new = tmp_path / "incoming.mat"
+    shutil.copy2(repo / "data/session/abu-urban-5.mat", new)
+    v = data_version(repo, paths=[new])
+    assert v.dirty and v.content_hash.endswith(".files")
+    assert data_version(repo, paths=[new]).content_hash == v.content_hash
+    with new.open("ab") as fh:
+        fh.write(b"\0")
+    assert data_version(repo, paths=[new]).content_hash != v.content_hash
+    with pytest.raises(DataValidationError, match="do not exist"):
+        data_version(repo, paths=[tmp_path / "nope.mat"])
 
 
 def test_state_round_trip_through_cache_and_remote(repo: Path, tmp_path: Path) -> None:
