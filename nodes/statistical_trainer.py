@@ -23,7 +23,7 @@ from nodes.data_node import AnomalyDataNode
 from nodes.errors import CubelineError, DataValidationError, PipelineError
 from nodes.metrics import AnomalyDetectionMetrics
 from nodes.pipeline import Pipeline
-from nodes.stats import MomentAccumulator, MomentState
+from nodes.stats import MomentAccumulator, MomentState, merge_all
 
 
 @dataclass
@@ -60,6 +60,49 @@ def _as_samples(t: Tensor) -> Tensor:
     if t.ndim == 3:
         return t.reshape(-1, 1)
     raise PipelineError(f"cannot take pixel moments of a tensor of shape {tuple(t.shape)}")
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_merge(state: MomentState) -> MomentState:
+    """Merge the moment states of every DDP rank; every rank returns the same global state.
+
+    States are gathered (not summed: means and centred Gram matrices do not add) and merged in
+    rank order with the exact pairwise formula, so the result equals a single-process pass to
+    float64 rounding. Without an initialized process group this is the identity.
+    """
+    _, world = _rank_world()
+    if world == 1:
+        return state
+    dist = torch.distributed
+    packed = torch.cat([state.n.reshape(1), state.mean, state.m2.reshape(-1), state.min,
+                        state.max])
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed)
+    c = state.num_channels
+    parts = []
+    for g in gathered:
+        n, rest = g[0], g[1:]
+        parts.append(MomentState(n=n, mean=rest[:c], m2=rest[c : c + c * c].reshape(c, c),
+                                 min=rest[c + c * c : 2 * c + c * c], max=rest[2 * c + c * c :]))
+    return merge_all(parts)
+
+
+def _width_of(pipeline: Pipeline, root: str) -> int:
+    node_name, port = root.split(".", 1)
+    node: Node = pipeline.nodes[node_name]  # type: ignore[assignment]
+    spec = type(node).OUTPUT_SPECS[port]
+    if len(spec.dims) == 3:
+        return 1
+    width = getattr(node, spec.dims[-1], None)
+    if not isinstance(width, int):
+        raise PipelineError(f"rank has no batch and cannot infer the width of {root}")
+    return width
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -140,15 +183,17 @@ class StatisticalTrainer:
         return None
 
     # --------------------------------------------------------------- running
-    def _batches(self, split: str) -> Iterator[dict[str, Any]]:
+    def _batches(self, split: str, *, shard: bool = False) -> Iterator[dict[str, Any]]:
         dm = self.datamodule
         if hasattr(dm, "setup"):
             dm.setup("fit" if split == "train" else "validate")
         loader: Iterable[Mapping[str, Any]] = getattr(dm, f"{split}_dataloader")()
+        rank, world = _rank_world() if shard else (0, 1)
         count = 0
-        for batch in loader:
+        for i, batch in enumerate(loader):
             count += 1
-            yield _to_device(batch, self.device)
+            if i % world == rank:  # DDP: each rank folds in every world-th batch
+                yield _to_device(batch, self.device)
         if count == 0:
             raise DataValidationError(
                 f"the {split} split of the datamodule is empty; give it at least one frame id"
@@ -180,9 +225,8 @@ class StatisticalTrainer:
             roots = sorted({plans[n.name][0] for n in ready})
             accs: dict[str, MomentAccumulator] = {}
             wanted = list(roots) + ([mask_key] if self.normal_only and mask_key else [])
-            first_pixels = 0
             with torch.no_grad():
-                for batch in self._batches("train"):
+                for batch in self._batches("train", shard=True):
                     out = p.forward(batch, stage="train", outputs=wanted)
                     keep = self._pixel_selection(out, mask_key, gen)
                     for root in roots:
@@ -192,11 +236,13 @@ class StatisticalTrainer:
                         if root not in accs:
                             accs[root] = MomentAccumulator(x.shape[1], device=x.device)
                         accs[root].update(x)
-                        if root == roots[0]:
-                            first_pixels += x.shape[0]
             report.passes += 1
+            for root in roots:
+                if root not in accs:  # a rank with no batch of its own still joins the merge
+                    accs[root] = MomentAccumulator(_width_of(p, root), device=self.device)
+                accs[root].state = all_merge(accs[root].finalize())
             if report.passes == 1:
-                report.pixels = first_pixels
+                report.pixels = accs[roots[0]].finalize().count
             for root in roots:
                 state = accs[root].finalize()
                 if state.count < 2:
