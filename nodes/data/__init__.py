@@ -14,6 +14,7 @@ from nodes.data.readers import (
     Frame,
     count_frames,
     iter_frames,
+    iter_frames_at,
     read_frame,
     read_frames,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "decode_rle",
     "encode_rle",
     "iter_frames",
+    "iter_frames_at",
     "load_coco",
     "rasterize_polygons",
     "read_frame",

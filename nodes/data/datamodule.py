@@ -13,6 +13,7 @@ bool (True = anomaly), ``class_mask`` (B, H, W) int64 when every frame has one, 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path

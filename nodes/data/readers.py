@@ -19,7 +19,7 @@ Formats:
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,7 @@ def read_npz(path: str | Path, require_labels: bool = True) -> Frame:
 def _import_cuvis(path: Path) -> Any:
     try:
         import cuvis
-    except ImportError as exc:  # also raised when the binding cannot load libcuvis
+    except (ImportError, OSError) as exc:  # OSError: the binding found no libcuvis
         raise DataValidationError(
             f"{path}: reading .cu3s needs Cubert's SDK, which is not importable here "
             f"({exc}). {_CUVIS_MISSING_FIX}"
@@ -427,14 +427,7 @@ def read_frame(path: str | Path, index: int = 0, require_labels: bool = True) ->
     path = Path(path)
     suffix = _check_suffix(path)
     if suffix == ".cu3s":
-        session = _open_session(path)
-        n = len(session)
-        if not 0 <= index < n:
-            raise DataValidationError(
-                f"{path}: frame index {index} out of range; the session holds {n} "
-                f"measurement(s) (valid 0..{n - 1}). Fix: use an index in that range."
-            )
-        return _cu3s_frame(session, path, index)
+        return next(iter_frames_at(path, [index]))
     if index != 0:
         raise DataValidationError(
             f"{path}: frame index {index} out of range; a {suffix} file holds one frame "
@@ -443,6 +436,39 @@ def read_frame(path: str | Path, index: int = 0, require_labels: bool = True) ->
     if suffix == ".mat":
         return read_mat(path)
     return read_npz(path, require_labels=require_labels)
+
+
+def iter_frames_at(
+    path: str | Path, indices: Iterable[int], require_labels: bool = True
+) -> Iterator[Frame]:
+    """Yield the frames ``indices`` of one file, opening a ``.cu3s`` session only once.
+
+    Args:
+        path: A supported file.
+        indices: Frame indices within the file, in the order wanted.
+        require_labels: Passed to :func:`read_npz`.
+
+    Yields:
+        The frames, in the order of ``indices``.
+
+    Raises:
+        DataValidationError: As :func:`read_frame`.
+    """
+    path = Path(path)
+    suffix = _check_suffix(path)
+    if suffix != ".cu3s":
+        for index in indices:
+            yield read_frame(path, index, require_labels=require_labels)
+        return
+    session = _open_session(path)
+    n = len(session)
+    for index in indices:
+        if not 0 <= index < n:
+            raise DataValidationError(
+                f"{path}: frame index {index} out of range; the session holds {n} "
+                f"measurement(s) (valid 0..{n - 1}). Fix: use an index in that range."
+            )
+        yield _cu3s_frame(session, path, index)
 
 
 def iter_frames(path: str | Path, require_labels: bool = True) -> Iterator[Frame]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nodes.data.datamodule as dm_module
+import nodes.data.readers as readers_module
 from nodes.data.coco import encode_rle
 from nodes.data.datamodule import CubeDataModule, SingleCu3sDataModule
 from nodes.data.readers import read_frames
@@ -64,7 +65,12 @@ def test_val_and_test_order_is_as_given(session_paths: list[Path]) -> None:
 
 
 def _train_orders(dm: CubeDataModule, epochs: int) -> list[list[int]]:
-    return [[int(i) for b in dm.train_dataloader() for i in b["frame_id"]] for _ in range(epochs)]
+    orders = []
+    for epoch in range(epochs):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]  # Lightning does this
+        orders.append([int(i) for b in loader for i in b["frame_id"]])
+    return orders
 
 
 def test_train_shuffle_is_seeded(make_cube: Callable[..., Any]) -> None:
@@ -81,6 +87,10 @@ def test_train_shuffle_is_seeded(make_cube: Callable[..., Any]) -> None:
     assert a != c
     assert all(sorted(o) == ids for o in a)
     assert len({tuple(o) for o in a}) > 1  # reshuffled each epoch
+    # An epoch's order depends on (seed, epoch) only, so a resumed run replays it.
+    resumed = build(0).train_dataloader()
+    resumed.sampler.set_epoch(2)  # type: ignore[attr-defined]
+    assert [int(i) for b in resumed for i in b["frame_id"]] == a[2]
 
 
 def test_from_arrays_contract_and_wavelengths(make_cube: Callable[..., Any]) -> None:
@@ -169,17 +179,18 @@ def test_cache_budget_is_honoured(session_paths: list[Path], monkeypatch: pytest
         reads.append((Path(path).name, index))
         return real_read(path, index, require_labels=require_labels)
 
-    monkeypatch.setattr(dm_module, "read_frame", counting_read)
+    monkeypatch.setattr(dm_module, "read_frame", counting_read)  # on-demand reads
+    monkeypatch.setattr(readers_module, "read_frame", counting_read)  # setup's reads
     dm = _session_dm(session_paths, cache_bytes=2 * FRAME_BYTES + 10, batch_size=1)
     dm.setup()
     d = dm.describe()
     assert d["cached_frames"] == 2 and d["cached_bytes"] == 2 * FRAME_BYTES
     assert d["cached_bytes"] <= d["cache_bytes"]
     assert len(reads) == 5  # setup reads (and validates) every frame once
+    (frame,) = read_frames(session_paths[3], validate=False)
     reads.clear()
     for _ in range(2):
         for b in dm.val_dataloader():  # frame 3: beyond the budget, re-read each time
-            (frame,) = read_frames(session_paths[3])
             np.testing.assert_array_equal(b["cube"][0].numpy(), frame.cube)
     assert reads == [("abu-urban-4.mat", 0)] * 2
     reads.clear()

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import scipy.io
 
-from nodes.data.readers import Frame, count_frames, iter_frames, read_frame, read_frames
+from nodes.data.readers import (
+    Frame,
+    count_frames,
+    iter_frames,
+    iter_frames_at,
+    read_frame,
+    read_frames,
+)
 from nodes.errors import DataValidationError
 
 # From shared/data/README.md: bands, anomaly pixels and stored dtype per scene.
@@ -364,3 +371,18 @@ def test_cu3s_without_sdk_says_how_to_get_it(
     msg = str(err.value)
     assert str(path) in msg and "pip install cuvis" in msg and ".npz" in msg
     assert "native SDK" in msg
+
+
+def test_cu3s_frames_at_open_the_session_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stand-in ``cuvis`` (see above): the data module's setup reads many frames per handle."""
+    fake = _fake_cuvis(_session_cubes(4))
+    monkeypatch.setitem(sys.modules, "cuvis", fake)
+    path = tmp_path / "session.cu3s"
+    path.write_bytes(b"stand-in")
+    frames = list(iter_frames_at(path, [3, 0, 2]))
+    assert [f.index for f in frames] == [3, 0, 2]
+    assert fake.opened == [str(path)]  # type: ignore[attr-defined]
+    with pytest.raises(DataValidationError, match=r"index 4 out of range"):
+        list(iter_frames_at(path, [4]))
