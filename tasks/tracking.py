@@ -1,0 +1,687 @@
+"""MLflow tracking helpers for cubeline runs: store set-up, params, lineage tags, evaluation plots.
+
+One flow run is one MLflow run. This module owns everything that *writes into* that run apart
+from the model itself (``tasks/pyfunc_model.py``) and the registry (``tasks/registry.py``):
+
+- :func:`configure_mlflow` points MLflow at an absolute SQLite store and artifact root (MLflow's
+  own defaults are relative to the working directory) and fails fast on an unreachable server;
+- :func:`flatten_params` turns the nested ``params.yaml`` into MLflow's flat string params;
+- :func:`make_lightning_logger` attaches Lightning's ``MLFlowLogger`` to the flow's run;
+- :func:`log_evaluation` writes ROC and precision-recall curves (Fawcett 2006, "An introduction to
+  ROC analysis"; average precision as the step-wise area, as in scikit-learn), score histograms
+  and per-frame anomaly maps, and logs them as artifacts;
+- :func:`set_lineage_tags`, :func:`git_commit`, :func:`params_hash`: what produced the run.
+
+mlflow, matplotlib and lightning are imported inside the functions that need them: importing
+this module must stay cheap for the CLI (``../shared/STACK.md``: mlflow alone costs ~2.4 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nodes.errors import CubelineError, DataValidationError
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "MAX_PARAM_KEY_LENGTH",
+    "MAX_PARAM_VALUE_LENGTH",
+    "TAG_DATA_HASH",
+    "TAG_GIT_COMMIT",
+    "TAG_INIT_STATE_HASH",
+    "TAG_PARAMS_HASH",
+    "TrackingUnavailableError",
+    "average_precision",
+    "configure_mlflow",
+    "flatten_params",
+    "git_commit",
+    "log_evaluation",
+    "make_lightning_logger",
+    "params_hash",
+    "pr_curve",
+    "roc_curve",
+    "set_lineage_tags",
+    "write_anomaly_maps",
+    "write_evaluation_plots",
+]
+
+DEFAULT_EXPERIMENT = "cubeline"
+
+#: MLflow 3.17's limits (``MAX_PARAM_VAL_LENGTH`` and ``MAX_ENTITY_KEY_LENGTH`` in
+#: ``mlflow.utils.validation``), copied so that flattening params does not import mlflow. A test
+#: checks they still agree.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_PARAM_KEY_LENGTH = 250
+
+TAG_DATA_HASH = "cubeline.data_hash"
+TAG_INIT_STATE_HASH = "cubeline.init_state_hash"
+TAG_PARAMS_HASH = "cubeline.params_hash"
+TAG_GIT_COMMIT = "cubeline.git_commit"
+#: MLflow's own tag, shown in its UI's run page.
+_MLFLOW_GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+#: Seconds to wait for an HTTP tracking server before giving up. MLflow's own client retries for
+#: minutes (exponential back-off over 7 retries) before reporting a dead server.
+_PROBE_TIMEOUT_S = 2.5
+
+
+class TrackingUnavailableError(CubelineError):
+    """The MLflow tracking server (or store) cannot be reached or opened."""
+
+
+# --------------------------------------------------------------------------------------------
+# Store set-up
+# --------------------------------------------------------------------------------------------
+
+
+def _force_telemetry_off() -> None:
+    # Forced, not defaulted: MLflow reads these when it starts its telemetry client, and only the
+    # exact string "true" counts (../shared/STACK.md).
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["DO_NOT_TRACK"] = "true"
+
+
+def _probe_http(uri: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingUnavailableError` unless an HTTP server answers at ``uri``."""
+    parsed = urllib.parse.urlparse(uri)
+    host = parsed.hostname
+    if not host:
+        raise TrackingUnavailableError(
+            f"Tracking URI {uri!r} has no host name. Fix: pass a URI such as "
+            "'http://127.0.0.1:5000', or leave it unset for the local SQLite store."
+        )
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    fix = (
+        f"Fix: start the server (e.g. `mlflow server --host {host} --port {port}`), correct the "
+        "URI (--tracking-uri / MLFLOW_TRACKING_URI), or leave it unset to use the local SQLite "
+        "store mlflow.db at the repository root."
+    )
+    # A bare TCP connect first: it fails in microseconds on a closed port and within `timeout` on
+    # an unroutable host, without urllib's proxy and redirect handling in the way.
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri!r} is unreachable ({host}:{port}: {exc}). {fix}"
+        ) from exc
+    health = uri.rstrip("/") + "/health"
+    try:
+        # Proxies are bypassed on purpose: the probe asks whether *this* URI answers.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(health, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        # Something answered HTTP: reachable. Authentication or routing problems surface with
+        # MLflow's own message on the first real call.
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri!r} accepted a connection but did not answer "
+            f"{health!r} within {timeout:.1f} s ({exc}). {fix}"
+        ) from exc
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    rest = uri[len(prefix) :]
+    if rest in ("", ":memory:"):
+        return None
+    return Path(rest.split("?", 1)[0])
+
+
+def configure_mlflow(
+    tracking_uri: str | None,
+    repo_root: Path,
+    registry_uri: str | None = None,
+    experiment_name: str = DEFAULT_EXPERIMENT,
+) -> str:
+    """Point this process's MLflow at the tracking store and make the experiment active.
+
+    Defaults to a SQLite store ``<repo_root>/mlflow.db`` and artifacts under
+    ``<repo_root>/mlartifacts``, both absolute so that a flow started from another working
+    directory writes to the same place. An ``http(s)://`` URI is probed first and must answer
+    within ~3 s.
+
+    Args:
+        tracking_uri: MLflow tracking URI, or None for the local SQLite default. A relative
+            ``sqlite:///x.db`` is taken relative to ``repo_root``.
+        repo_root: Repository root (where ``mlflow.db`` and ``mlartifacts/`` live).
+        registry_uri: Model-registry URI; None uses the tracking URI.
+        experiment_name: Experiment to create (with the absolute artifact location) or reuse.
+
+    Returns:
+        The tracking URI in effect.
+
+    Raises:
+        TrackingUnavailableError: The server does not answer, or the store cannot be opened.
+    """
+    _force_telemetry_off()
+    repo_root = Path(repo_root).resolve()
+    uri = tracking_uri or f"sqlite:///{repo_root / 'mlflow.db'}"
+    db_path = _sqlite_path(uri)
+    if db_path is not None and not db_path.is_absolute():
+        db_path = (repo_root / db_path).resolve()
+        uri = f"sqlite:///{db_path}"
+    if uri.startswith(("http://", "https://")):
+        _probe_http(uri)
+    if registry_uri and registry_uri.startswith(("http://", "https://")) and registry_uri != uri:
+        _probe_http(registry_uri)
+    if db_path is not None:
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingUnavailableError(
+                f"Cannot create the directory of the MLflow store {uri!r}: {exc}. Fix: choose a "
+                "writable location with --tracking-uri sqlite:///<path>/mlflow.db."
+            ) from exc
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry_uri or uri)
+    artifact_root = (repo_root / "mlartifacts").as_uri()
+    client = mlflow.MlflowClient()
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            try:
+                client.create_experiment(experiment_name, artifact_location=artifact_root)
+            except MlflowException as exc:
+                # Two processes creating the experiment at once: the loser reuses the winner's.
+                if "already exists" not in str(exc).lower():
+                    raise
+        elif experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        mlflow.set_experiment(experiment_name)
+    except MlflowException as exc:
+        raise TrackingUnavailableError(
+            f"Cannot open the MLflow tracking store {uri!r}: {exc}. Fix: check the URI and that "
+            "the store is writable, or leave it unset to use <repo>/mlflow.db."
+        ) from exc
+    return uri
+
+
+# --------------------------------------------------------------------------------------------
+# Params, lineage
+# --------------------------------------------------------------------------------------------
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, Path):
+        text = value.as_posix()
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VALUE_LENGTH:
+        # Marked, so nobody mistakes a clipped value for the real one.
+        marker = "...[truncated]"
+        text = text[: MAX_PARAM_VALUE_LENGTH - len(marker)] + marker
+    return text
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested params into MLflow's flat ``{"a.b.c": "value"}`` string form.
+
+    Lists of scalars are joined with commas (``[1, 2]`` → ``"1,2"``); lists holding mappings get
+    their index in the key (``a.0.b``). Empty mappings and lists are kept as ``"{}"``/``""`` so
+    the key still shows in the run. Values longer than MLflow's limit (6000 characters) are cut
+    and end in ``...[truncated]``.
+
+    Args:
+        d: Nested mapping, e.g. the parsed ``params.yaml``.
+        prefix: Key prefix (without the trailing dot).
+
+    Returns:
+        Flat mapping of dotted keys to strings.
+
+    Raises:
+        ValueError: A flattened key is longer than MLflow's 250-character key limit.
+    """
+    out: dict[str, str] = {}
+
+    def key_of(k: Any) -> str:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if len(key) > MAX_PARAM_KEY_LENGTH:
+            raise ValueError(
+                f"Param key {key[:60]!r}... is {len(key)} characters, over MLflow's "
+                f"{MAX_PARAM_KEY_LENGTH}. Fix: shorten the nesting in params.yaml."
+            )
+        return key
+
+    for k, v in d.items():
+        key = key_of(k)
+        if isinstance(v, Mapping):
+            if v:
+                out.update(flatten_params(v, key))
+            else:
+                out[key] = "{}"
+        elif _is_sequence(v):
+            if any(isinstance(item, Mapping) or _is_sequence(item) for item in v):
+                out.update(flatten_params({str(i): item for i, item in enumerate(v)}, key))
+            else:
+                out[key] = _param_value(",".join(_param_value(item) for item in v))
+        else:
+            out[key] = _param_value(v)
+    return out
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Return the SHA-256 (hex) of ``params`` in canonical JSON (sorted keys, no spaces).
+
+    Key order in ``params.yaml`` does not change the hash; any value does.
+    """
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def git_commit(repo_root: Path) -> str:
+    """Return ``git rev-parse HEAD`` of ``repo_root``, with ``+dirty`` if the tree has changes.
+
+    Untracked files that git does not ignore count as changes (they may be code). Returns
+    ``"unknown"`` when ``repo_root`` is not a git checkout or git is missing: lineage is then
+    carried by the data/params hashes alone.
+    """
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # status must not take index.lock
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env=env,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env=env,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"{head}+dirty" if status else head
+
+
+def set_lineage_tags(
+    data_hash: str,
+    init_state_hash: str,
+    params_hash: str,
+    git_commit: str,
+    run_id: str | None = None,
+) -> dict[str, str]:
+    """Tag the run with what produced it: data, initialization state, params and code.
+
+    Args:
+        data_hash: DVC content hash of the input data.
+        init_state_hash: Content hash of the Phase-1 initialization state used.
+        params_hash: :func:`params_hash` of the effective params.
+        git_commit: :func:`git_commit` of the code.
+        run_id: Run to tag; None tags the active run.
+
+    Returns:
+        The tags written.
+
+    Raises:
+        TrackingUnavailableError: No run given and none active.
+    """
+    import mlflow
+
+    tags = {
+        TAG_DATA_HASH: data_hash,
+        TAG_INIT_STATE_HASH: init_state_hash,
+        TAG_PARAMS_HASH: params_hash,
+        TAG_GIT_COMMIT: git_commit,
+        _MLFLOW_GIT_COMMIT_TAG: git_commit,
+    }
+    target = _resolve_run_id(run_id)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(target, key, value)
+    return tags
+
+
+def _resolve_run_id(run_id: str | None) -> str:
+    import mlflow
+
+    if run_id is not None:
+        return run_id
+    active = mlflow.active_run()
+    if active is None:
+        raise TrackingUnavailableError(
+            "No MLflow run is active and no run_id was given. Fix: call inside "
+            "`with mlflow.start_run():` or pass run_id=."
+        )
+    return active.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning
+# --------------------------------------------------------------------------------------------
+
+
+def make_lightning_logger(run_id: str, tracking_uri: str) -> MLFlowLogger:
+    """Return a Lightning ``MLFlowLogger`` that writes per-epoch metrics into an existing run.
+
+    Two changes from the stock logger, both because the flow (not Lightning) owns the run:
+    ``finalize`` does not mark the run FINISHED when ``fit`` ends (evaluation and registration
+    still log into it), and Lightning's hyperparameters go under ``lightning.*`` so they cannot
+    collide with the flattened ``params.yaml`` keys (MLflow refuses to change a logged param).
+
+    Args:
+        run_id: The flow's MLflow run.
+        tracking_uri: Tracking URI of that run (as returned by :func:`configure_mlflow`).
+
+    Returns:
+        A logger to pass as ``GradientTrainer(logger=...)``.
+    """
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class _RunAttachedMLFlowLogger(MLFlowLogger):
+        def log_hyperparams(self, params: Any) -> None:
+            if not isinstance(params, Mapping):
+                params = vars(params)
+            flat = flatten_params(params, prefix="lightning")
+            existing = self.experiment.get_run(self.run_id).data.params
+            fresh = {k: v for k, v in flat.items() if existing.get(k) != v}
+            if fresh:
+                super().log_hyperparams(fresh)
+
+        def finalize(self, status: str = "success") -> None:
+            if not self._initialized:
+                return
+            if self._checkpoint_callback:
+                self._scan_and_log_checkpoints(self._checkpoint_callback)
+
+    return _RunAttachedMLFlowLogger(run_id=run_id, tracking_uri=tracking_uri)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation curves (numpy; no scikit-learn dependency)
+# --------------------------------------------------------------------------------------------
+
+
+def _binary_counts(
+    scores: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative true/false positives at each distinct score, highest score first."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    t = np.asarray(targets, dtype=bool).ravel()
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, t = s[order], t[order]
+    # The last index of each run of tied scores: a threshold cannot split ties.
+    distinct = np.flatnonzero(np.diff(s)) if s.size > 1 else np.empty(0, dtype=np.int64)
+    ends = np.r_[distinct, s.size - 1]
+    tps = np.cumsum(t, dtype=np.float64)[ends]
+    fps = (ends + 1) - tps
+    return fps, tps, s[ends]
+
+
+def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return ``(fpr, tpr, auc)`` of a score map against boolean targets.
+
+    AUC is NaN when the targets hold only one class.
+    """
+    fps, tps, _ = _binary_counts(scores, targets)
+    fps = np.r_[0.0, fps]
+    tps = np.r_[0.0, tps]
+    if tps[-1] == 0 or fps[-1] == 0:
+        return fps, tps, math.nan
+    fpr, tpr = fps / fps[-1], tps / tps[-1]
+    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+
+
+def pr_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(recall, precision)`` ordered by increasing recall, ending at (0, 1)."""
+    fps, tps, _ = _binary_counts(scores, targets)
+    if tps.size == 0 or tps[-1] == 0:
+        return np.array([0.0]), np.array([1.0])
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    # Stop once full recall is reached; lower thresholds only add false positives.
+    last = int(np.searchsorted(tps, tps[-1])) + 1
+    return np.r_[recall[:last][::-1], 0.0], np.r_[precision[:last][::-1], 1.0]
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Step-wise area under the precision-recall curve, ``sum (R_n - R_{n-1}) P_n``."""
+    recall, precision = pr_curve(scores, targets)
+    if recall.size == 1:
+        return math.nan
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation plots
+# --------------------------------------------------------------------------------------------
+
+
+def _check_eval_inputs(
+    scores: np.ndarray, targets: np.ndarray, frame_ids: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores)
+    t = np.asarray(targets)
+    if s.ndim != 3:
+        raise DataValidationError(
+            f"log_evaluation: scores must be (N, H, W), got shape {s.shape}. Fix: pass the "
+            "per-pixel anomaly scores of the test frames stacked on axis 0."
+        )
+    if t.shape != s.shape:
+        raise DataValidationError(
+            f"log_evaluation: targets shape {t.shape} differs from scores shape {s.shape}. Fix: "
+            "pass the ground-truth masks of the same frames."
+        )
+    if len(frame_ids) != s.shape[0]:
+        raise DataValidationError(
+            f"log_evaluation: {len(frame_ids)} frame ids for {s.shape[0]} frames. Fix: one id "
+            "per frame, in the order of axis 0."
+        )
+    if not np.all(np.isfinite(s)):
+        bad = int(np.size(s) - np.count_nonzero(np.isfinite(s)))
+        raise DataValidationError(
+            f"log_evaluation: scores hold {bad} non-finite values (NaN/inf). Fix: check the "
+            "model (an unfitted or diverged node) before evaluating."
+        )
+    return s.astype(np.float64, copy=False), t.astype(bool, copy=False)
+
+
+def _safe_name(frame_id: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(frame_id)).strip("._") or "frame"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # headless; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_anomaly_maps(
+    scores: np.ndarray,
+    frame_ids: Sequence[Any],
+    out_dir: Path,
+    targets: np.ndarray | None = None,
+) -> dict[str, Path]:
+    """Write one PNG per frame: score heatmap, with the ground-truth outline if targets are given.
+
+    Args:
+        scores: (N, H, W) anomaly scores.
+        frame_ids: One id per frame (used in titles and file names).
+        out_dir: Directory for ``anomaly_map_<frame_id>.png``.
+        targets: Optional (N, H, W) boolean ground truth, drawn as a white contour.
+
+    Returns:
+        ``{"anomaly_map:<frame_id>": path}`` in frame order.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.zeros(s.shape, dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
+    s, t = _check_eval_inputs(s, t, frame_ids)
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    used: set[str] = set()
+    for i, fid in enumerate(frame_ids):
+        name = _safe_name(fid)
+        while name in used:  # two ids that sanitize alike must not overwrite each other
+            name += f"_{i}"
+        used.add(name)
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        img = ax.imshow(s[i], cmap="inferno", interpolation="nearest")
+        fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04, label="anomaly score")
+        if targets is not None and t[i].any():
+            ax.contour(t[i].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.8)
+        title = f"frame {fid}"
+        if targets is not None:
+            title += f" ({int(t[i].sum())} anomaly px outlined)"
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        path = out_dir / f"anomaly_map_{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths[f"anomaly_map:{fid}"] = path
+    return paths
+
+
+def write_evaluation_plots(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    frame_ids: Sequence[Any],
+    out_dir: Path,
+) -> dict[str, Path]:
+    """Write ROC, PR, score-histogram and per-frame anomaly-map PNGs (no MLflow).
+
+    Curves and histograms pool the pixels of all frames; anomaly maps are per frame.
+
+    Args:
+        scores: (N, H, W) anomaly scores.
+        targets: (N, H, W) boolean ground truth (True = anomaly).
+        frame_ids: One id per frame.
+        out_dir: Output directory (created).
+
+    Returns:
+        ``{"roc_curve": ..., "pr_curve": ..., "score_histogram": ...,
+        "anomaly_map:<frame_id>": ...}`` paths.
+    """
+    s, t = _check_eval_inputs(scores, targets, frame_ids)
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_pos, n_neg = int(t.sum()), int(t.size - t.sum())
+    paths: dict[str, Path] = {}
+
+    fpr, tpr, auc = roc_curve(s, t)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if math.isnan(auc):
+        ax.text(0.5, 0.5, "undefined: one class only", ha="center", va="center")
+    else:
+        ax.plot(fpr, tpr, lw=1.5, label=f"AUROC = {auc:.4f}")
+        ax.legend(loc="lower right")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"ROC, {s.shape[0]} frames, {n_pos} anomaly / {n_neg} normal px", fontsize=9)
+    paths["roc_curve"] = out_dir / "roc_curve.png"
+    fig.savefig(paths["roc_curve"], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    recall, precision = pr_curve(s, t)
+    ap = average_precision(s, t)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if math.isnan(ap):
+        ax.text(0.5, 0.5, "undefined: no anomaly pixels", ha="center", va="center")
+    else:
+        ax.step(recall, precision, where="post", lw=1.5, label=f"AP = {ap:.4f}")
+        ax.axhline(n_pos / t.size, ls="--", c="grey", lw=0.8, label="chance")
+        ax.legend(loc="upper right")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("Precision-recall", fontsize=9)
+    paths["pr_curve"] = out_dir / "pr_curve.png"
+    fig.savefig(paths["pr_curve"], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    lo, hi = float(s.min()), float(s.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
+    ax.hist(s[~t], bins=bins, density=True, alpha=0.6, label=f"normal ({n_neg} px)")
+    if n_pos:
+        ax.hist(s[t], bins=bins, density=True, alpha=0.6, label=f"anomaly ({n_pos} px)")
+    ax.set_yscale("log")
+    ax.set(xlabel="anomaly score", ylabel="density (log)")
+    ax.legend()
+    ax.set_title("Score distribution by ground truth", fontsize=9)
+    paths["score_histogram"] = out_dir / "score_histogram.png"
+    fig.savefig(paths["score_histogram"], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    paths.update(write_anomaly_maps(s, frame_ids, out_dir / "anomaly_maps", targets=t))
+    return paths
+
+
+def log_evaluation(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    frame_ids: Sequence[Any],
+    out_dir: Path,
+    *,
+    run_id: str | None = None,
+    artifact_path: str = "evaluation",
+) -> dict[str, Path]:
+    """Write the evaluation plots (:func:`write_evaluation_plots`) and log them to the run.
+
+    Args:
+        scores: (N, H, W) anomaly scores of the test frames.
+        targets: (N, H, W) boolean ground truth.
+        frame_ids: One id per frame.
+        out_dir: Local directory for the PNGs.
+        run_id: Run to log into; None logs into the active run.
+        artifact_path: Artifact directory inside the run (anomaly maps go one level below).
+
+    Returns:
+        The local paths written, keyed as in :func:`write_evaluation_plots`.
+
+    Raises:
+        DataValidationError: Shapes disagree or scores are not finite (nothing is written).
+        TrackingUnavailableError: No run given and none active.
+    """
+    import mlflow
+
+    target_run = _resolve_run_id(run_id)
+    paths = write_evaluation_plots(scores, targets, frame_ids, out_dir)
+    client = mlflow.MlflowClient()
+    for key, path in paths.items():
+        sub = f"{artifact_path}/anomaly_maps" if key.startswith("anomaly_map:") else artifact_path
+        client.log_artifact(target_run, str(path), artifact_path=sub)
+    return paths
