@@ -7,6 +7,7 @@ anomaly mask marks exactly those pixels. Everything is seeded so a failure repro
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,16 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from nodes.data import CubeDataModule
-
 REPO = Path(__file__).resolve().parents[1]
+
+# pytest puts tests/ on sys.path for this conftest, and tests/nodes/ (no __init__.py) would then
+# shadow the real ``nodes`` package as a namespace package whenever the repo root is not on
+# sys.path (plain `pytest` rather than `python -m pytest`; the editable install's finder comes
+# after the path finder). The repo's regular package wins as soon as its root is on the path.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nodes.data import CubeDataModule  # noqa: E402
 
 #: Where the ABU scenes may live: the repo's DVC-tracked copy first, then the shared originals.
 SCENE_DIRS: tuple[Path, ...] = (
@@ -68,23 +76,29 @@ def make_cube(
     n_targets: int = 3,
     target_size: int = 2,
     rank: int = 3,
+    scene_seed: int = 1234,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A seeded (H, W, C) float32 cube with correlated bands and planted square targets.
+
+    Frames of one ``scene_seed`` share their endmember spectra (one sensor, one scene); ``seed``
+    draws the per-frame abundances, noise and target positions.
 
     Returns:
         ``(cube, mask)``: the cube and its (H, W) bool anomaly mask.
     """
-    rng = np.random.default_rng(seed)
+    scene = np.random.default_rng(scene_seed)
     t = np.linspace(0.0, 1.0, channels)
     # Smooth endmember spectra: adjacent bands are strongly correlated, as in real sensors.
-    centres = rng.uniform(0.0, 1.0, rank)
-    widths = rng.uniform(0.2, 0.5, rank)
+    centres = scene.uniform(0.0, 1.0, rank)
+    widths = scene.uniform(0.2, 0.5, rank)
     endmembers = np.exp(-((t[None, :] - centres[:, None]) ** 2) / widths[:, None] ** 2)
-    abundances = rng.gamma(2.0, 1.0, size=(height * width, rank))
+    # A target spectrum that no mix of the smooth endmembers reproduces.
+    target = 30.0 * np.sin(9.0 * t + scene.uniform(0, np.pi)) + 20.0
+    rng = np.random.default_rng(seed)
+    abundances = rng.gamma(8.0, 0.125, size=(height * width, rank))
     cube = 100.0 + 40.0 * abundances @ endmembers + rng.normal(0.0, 1.0, (height * width, channels))
     cube = cube.reshape(height, width, channels)
     mask = np.zeros((height, width), dtype=bool)
-    target = 60.0 * np.sin(7.0 * t + rng.uniform(0, np.pi)) + 40.0
     for _ in range(n_targets):
         r = int(rng.integers(0, height - target_size + 1))
         c = int(rng.integers(0, width - target_size + 1))
@@ -122,7 +136,7 @@ def make_cubes(n: int = 6, seed: int = 0, **kw: Any) -> Cubes:
 
 @pytest.fixture(scope="session")
 def cubes() -> Cubes:
-    """Six 24 × 24 × 12 generated frames (ids 0..5) with planted targets."""
+    """Six 24 x 24 x 12 generated frames (ids 0..5) with planted targets."""
     return make_cubes(6, seed=0)
 
 

@@ -155,5 +155,5 @@ def test_non_positive_definite_covariance_error_says_what_to_do() -> None:
 
 def test_fit_rejects_other_channel_count() -> None:
     rx = RXGlobal(num_channels=4, name="rx4")
-    with pytest.raises(CubelineError, match="rx4.*4 channels.*3"):
+    with pytest.raises(CubelineError, match=r"rx4.*4 channels.*3"):
         _fit(rx, np.random.default_rng(0).normal(size=(50, 3)))
