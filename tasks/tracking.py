@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -114,7 +115,9 @@ def _probe_http(uri: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
         "store mlflow.db at the repository root."
     )
     # A bare TCP connect first: it fails in microseconds on a closed port and within `timeout` on
-    # an unroutable host, without urllib's proxy and redirect handling in the way.
+    # an unroutable host, without urllib's proxy and redirect handling in the way. Both steps
+    # share one deadline, so the whole probe stays under ~`timeout` + 0.5 s.
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -126,7 +129,7 @@ def _probe_http(uri: str, timeout: float = _PROBE_TIMEOUT_S) -> None:
     try:
         # Proxies are bypassed on purpose: the probe asks whether *this* URI answers.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(health, timeout=timeout):
+        with opener.open(health, timeout=max(0.5, deadline - time.monotonic())):
             pass
     except urllib.error.HTTPError:
         # Something answered HTTP: reachable. Authentication or routing problems surface with
