@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from nodes.config import ConfigModel, TrainingConfig
 from nodes.errors import ConfigError
+from tasks.registry import GateConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -98,20 +99,11 @@ class DriftParams(ConfigModel):
         return DriftThresholds(**self.model_dump(exclude={"watch_paths"}))
 
 
-class GateParams(ConfigModel):
-    """Promotion gate (the fields of ``tasks.registry.GateConfig``)."""
-
-    metric: str = "metrics_anomaly/auroc"
-    mode: Literal["max", "min"] = "max"
-    min_improvement: Annotated[float, Field(ge=0)] = 0.0
-    absolute_thresholds: dict[str, float] = Field(default_factory=dict)
-
-
 class RegistryParams(ConfigModel):
     """MLflow model registry."""
 
     model_name: str = Field(default="cubeline-channel-selector", min_length=1)
-    gate: GateParams = Field(default_factory=GateParams)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 class MlflowParams(ConfigModel):

@@ -1,0 +1,38 @@
+"""Prefect flows of cubeline: wiring only (the steps live in :mod:`tasks.steps`).
+
+- :func:`flows.train.train` -- two-phase training from scratch;
+- :func:`flows.retrain.retrain` -- drift check against the champion's initialization state,
+  re-initialization (Phase 1) only on drift, Phase 2, evaluation, registration behind the gate;
+- :func:`flows.drift_watch.drift_watch` -- one streaming pass over new frames, a Prefect event
+  ``cubeline.drift.detected`` when they drifted;
+- :mod:`flows.deploy` -- the schedules and the drift-event trigger, served against a Prefect
+  server; :mod:`flows.cli` -- the ``cubeline`` command.
+
+Flows take the path of ``params.yaml``; :func:`for_repo` binds a flow to the repository's result
+storage (``<repo>/.prefect/results``, where the step cache lives). Nothing is imported here at
+module level: ``cubeline --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+F = TypeVar("F", bound="Flow[Any, Any]")
+
+RESULTS_DIR = Path(".prefect") / "results"
+
+
+def results_dir(root: Path) -> Path:
+    """Where the step cache of the repository at ``root`` lives (ignored by git)."""
+    return (Path(root) / RESULTS_DIR).resolve()
+
+
+def for_repo(flow: F, root: Path) -> F:
+    """``flow`` persisting its cached step results under ``root/.prefect/results``."""
+    path = results_dir(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return flow.with_options(result_storage=path)  # type: ignore[return-value]

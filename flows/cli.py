@@ -1,0 +1,314 @@
+"""The ``cubeline`` command.
+
+``cubeline run`` is the main job: the ``retrain`` flow once on the bundled data with the embedded
+defaults -- Prefect's temporary API server (no server to start), MLflow's SQLite store
+``mlflow.db`` and artifacts ``mlartifacts/`` at the repository root, the repository's DVC remote
+-- and a summary of what happened and where to look.
+
+Everything heavy (prefect, mlflow, dvc, torch, lightning) is imported inside the command that
+needs it, after telemetry is switched off: importing all of it up front costs ~15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.env import disable_telemetry, repo_root
+
+
+def _params_path(args: argparse.Namespace) -> Path:
+    if args.params:
+        p = Path(args.params).resolve()
+        return p / "params.yaml" if p.is_dir() else p
+    return repo_root() / "params.yaml"
+
+
+def _quiet(verbose: bool) -> None:
+    """Library chatter off unless ``-v``: the summary is the output."""
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(verbose).lower())
+
+
+def _quiet_lightning(verbose: bool) -> None:
+    # Lightning sets its loggers to INFO when imported, so this must follow the import.
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _mlflow_ui(tracking_uri: str | None, root: Path) -> str:
+    uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def print_summary(summary: Any, seconds: float) -> None:
+    """Print a :class:`tasks.steps.RunSummary` for people."""
+    s = summary
+    root = Path(s.ctx.root)
+    reg = s.registration
+    m = s.evaluation.metrics
+    data_state = "dirty: differs from data.dvc" if s.data.dirty else "as recorded in data.dvc"
+    h, w, c = s.data.shape
+    lines = [
+        f"cubeline {s.flow}: finished in {seconds:.1f} s",
+        f"  data        {s.data.data_hash} ({data_state}); {s.data.num_frames} frames "
+        f"{h}x{w}x{c}; train {list(s.data.train_ids)} val {list(s.data.val_ids)} "
+        f"test {list(s.data.test_ids)}",
+    ]
+    if s.drift is not None:
+        lines.append(f"  drift       {s.drift.reason}")
+    phase1 = {
+        "fitted": "fitted now",
+        "cached": "skipped: cached (same data and params)",
+        "reused": "skipped: no drift, champion's state reused",
+    }[s.phase1]
+    lines += [
+        f"  phase 1     {phase1}; init state {s.state_hash} (DVC)",
+        f"  phase 2     {s.train.epochs} epochs in {s.train.seconds:.1f} s; decision threshold "
+        f"(logit) {_fmt(s.train.threshold)}",
+        "  test        " + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(m.items())),
+        f"  model       {reg.model_name} version {reg.version} -> alias {reg.alias}",
+        f"  gate        {reg.reason}",
+        f"  champion    version {reg.champion_version} (before: {reg.previous_champion_version})",
+        f"  MLflow      run {s.ctx.run_id} in {s.ctx.tracking_uri}",
+        f"              UI: {_mlflow_ui(s.ctx.tracking_uri, root)}",
+        f"  files       {s.ctx.run_dir}",
+        "  Prefect     UI: prefect server start --host 127.0.0.1 (then run with "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api to keep the history)",
+    ]
+    print("\n".join(lines))
+
+
+def _run_flow(args: argparse.Namespace, which: str) -> int:
+    from flows import for_repo
+
+    _quiet_lightning(args.verbose)
+    params = _params_path(args)
+    if which == "train":
+        from flows.train import train as flow_fn
+    else:
+        from flows.retrain import retrain as flow_fn
+    start = time.perf_counter()
+    summary = for_repo(flow_fn, params.parent)(
+        params_path=str(params), reason=args.reason or f"cubeline {args.command}"
+    )
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "seconds": seconds}, default=str))
+    else:
+        print_summary(summary, seconds)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``cubeline run``: the retrain flow once."""
+    return _run_flow(args, "retrain")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``cubeline train``: two-phase training from scratch."""
+    return _run_flow(args, "train")
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
+    from flows import for_repo
+    from flows.drift_watch import drift_watch
+
+    params = _params_path(args)
+    paths = [str(Path(p).resolve()) for p in args.paths] or None
+    result = for_repo(drift_watch, params.parent)(params_path=str(params), paths=paths)
+    if args.json:
+        print(json.dumps(result.__dict__, default=str))
+        return 0
+    print(f"drift: {'DRIFT' if result.drifted else 'no drift'}")
+    print(f"  reason   {result.reason}")
+    if result.report_path:
+        print(f"  report   {result.report_path}")
+        print(f"  plot     {result.plot_path}")
+    if result.drifted:
+        print("  event    cubeline.drift.detected emitted (a served retrain deployment reacts)")
+    return 1 if result.drifted and args.exit_code else 0
+
+
+def _configure_registry(args: argparse.Namespace) -> Any:
+    from tasks.params import load_params
+    from tasks.tracking import configure_mlflow
+
+    params_path = _params_path(args)
+    params = load_params(params_path)
+    configure_mlflow(
+        params.mlflow.tracking_uri, params_path.parent, experiment_name=params.mlflow.experiment
+    )
+    return params
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """``cubeline promote --version N``: move champion (forced, or through the gate)."""
+    from tasks.registry import promote_version
+
+    params = _configure_registry(args)
+    decision = promote_version(
+        params.registry.model_name,
+        args.version,
+        args.reason or "cubeline promote",
+        params.registry.gate if args.gate else None,
+    )
+    verb = "promoted" if decision.promote else "not promoted"
+    print(f"version {args.version}: {verb}: {decision.reason}")
+    return 0 if decision.promote else 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """``cubeline rollback``: champion back to the previous champion."""
+    from tasks.registry import rollback
+
+    params = _configure_registry(args)
+    entry = rollback(params.registry.model_name, args.reason or "cubeline rollback")
+    print(
+        f"champion of {params.registry.model_name}: version {entry.previous_version} -> "
+        f"{entry.version} ({entry.reason})"
+    )
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``cubeline history``: who held champion, when and why."""
+    from tasks.registry import champion_history
+
+    params = _configure_registry(args)
+    for e in champion_history(params.registry.model_name):
+        until = f"until {e.replaced_at} (by v{e.replaced_by})" if e.replaced_by else "current"
+        print(f"v{e.version:<4} {e.action:<8} {e.at}  {until}\n      {e.reason}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``cubeline predict FILES``: anomaly maps from the champion."""
+    from tasks.steps import predict_cubes
+
+    written = predict_cubes(_params_path(args), args.paths, Path(args.out), alias=args.alias)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``cubeline serve``: deployments (cron, interval, drift trigger) against a server."""
+    from flows.deploy import serve
+
+    serve(_params_path(args))
+    return 0
+
+
+def cmd_phase1(args: argparse.Namespace) -> int:
+    """``cubeline phase1``: Phase 1 alone on the session, per-frame AUC/AP and timing."""
+    from tasks.steps import phase1_report
+
+    rep = phase1_report(_params_path(args))
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"{'frame':<22} {'split':<6} {'anomaly px':>10} {'AUROC':>8} {'AP':>8}")
+    for r in rep["frames"]:
+        print(
+            f"{r['frame']:<22} {r['split']:<6} {r['anomaly_px']:>10} {_fmt(r['auroc']):>8} "
+            f"{_fmt(r['ap']):>8}"
+        )
+    print(
+        f"Phase 1: {rep['passes']} pass(es) over {rep['pixels']} pixels in {rep['seconds']:.2f} s "
+        f"(reading + validating the frames: {rep['setup_seconds']:.2f} s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs)."""
+    parser = argparse.ArgumentParser(
+        prog="cubeline",
+        description="Two-phase hyperspectral anomaly detection, orchestrated by Prefect, "
+        "tracked by MLflow, versioned by DVC.",
+    )
+    parser.add_argument("--params", help="params.yaml (default: the repository's)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, fn, text in (
+        ("run", cmd_run, "retrain once on the bundled data and print a summary (main job)"),
+        ("train", cmd_train, "two-phase training from scratch"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--reason", help="why this run happens (kept in MLflow and the registry)")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("drift", help="drift check of frames against the champion's statistics")
+    p.add_argument("paths", nargs="*", help="frames (default: drift.watch_paths or training)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 when drift is found")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("promote", help="move alias champion to a version")
+    p.add_argument("--version", required=True, help="model version to promote")
+    p.add_argument("--reason")
+    p.add_argument("--gate", action="store_true", help="only if the params.yaml gate agrees")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move champion back to the previous champion")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("history", help="champion history of the registered model")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("predict", help="score frames with models:/<name>@champion")
+    p.add_argument("paths", nargs="+", help=".mat / .npz / .cu3s frames")
+    p.add_argument("--out", default="outputs/predictions", help="output directory")
+    p.add_argument("--alias", default="champion")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve the scheduled/triggered deployments (needs a server)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("phase1", help="Phase 1 alone: per-frame AUC/AP and the time it took")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_phase1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cubeline`` console script."""
+    disable_telemetry()
+    args = build_parser().parse_args(argv)
+    _quiet(args.verbose)
+    from nodes.errors import CubelineError
+
+    try:
+        return int(args.func(args))
+    except CubelineError as exc:
+        print(f"cubeline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

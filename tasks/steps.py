@@ -1,0 +1,1143 @@
+"""The Prefect tasks of cubeline: one task per pipeline step, thin wrappers around ``nodes``.
+
+Steps: ``load_cubes`` (read + pandera-validate the frames, the design card's "load cu3s"),
+``fit_statistics`` (Phase 1, versions the initialization state with DVC), ``drift_check``,
+``unfreeze``, ``gradient_train`` (Phase 2), ``evaluate``, ``register_model``; plus
+``emit_drift_event`` for the drift watch.
+
+Tasks take and return small typed values -- paths, DVC hashes, run ids, metric dicts -- never
+tensors: the results are persisted (cloudpickle) for the cache and must stay small. Every task
+reads ``params.yaml`` itself through :class:`RunContext`, so its inputs are explicit.
+
+**Cache.** ``load_cubes`` and ``fit_statistics`` carry a ``cache_key_fn``: DVC content hash of
+the data + hash of the ``params.yaml`` sections the step reads + the step's code (its ``version``
+and a digest of its source) + the repository root. A re-run with unchanged data and params
+therefore skips both without hashing a tensor (Prefect's INPUTS policy would hash tensors, which
+never hit across processes). Results go to the flow's ``result_storage``: the flows set
+``<repo>/.prefect/results`` (ignored by git; see :mod:`flows`).
+
+**MLflow.** A flow run is one MLflow run, opened by :func:`tracked_run` (params flattened, tags)
+and closed FINISHED or FAILED; tasks log into it by its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+
+from nodes.errors import ConfigError
+from tasks.env import repo_root
+from tasks.params import Params, load_params, resolve_path
+
+if TYPE_CHECKING:
+    from prefect.context import TaskRunContext
+
+    from nodes.data.datamodule import CubeDataModule
+    from nodes.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+#: Bump a step's version when its behaviour changes in a way its source digest cannot see
+#: (e.g. a change in the nodes it calls): cached results of the old version are then ignored.
+STEP_VERSIONS: dict[str, str] = {
+    "load_cubes": "1",
+    "fit_statistics": "1",
+    "drift_check": "1",
+    "unfreeze": "1",
+    "gradient_train": "1",
+    "evaluate": "1",
+    "register_model": "1",
+    "emit_drift_event": "1",
+}
+
+DRIFT_EVENT = "cubeline.drift.detected"
+SCORE_KEY = "logit_head.logits"  # the score the decider thresholds; curves and maps use it
+
+
+# --------------------------------------------------------------------------------------------
+# Small typed results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a flow run reads its parameters and writes its outputs.
+
+    Attributes:
+        params_path: Absolute path of ``params.yaml``.
+        root: Repository root (DVC repository, MLflow store, outputs).
+        run_id: The flow run's MLflow run (None outside :func:`tracked_run`).
+        run_dir: Local directory of this run's files (``outputs/runs/<run>``).
+        tracking_uri: MLflow tracking URI in effect.
+        reason: Why the flow runs (manual, schedule, drift event...), kept in the registry.
+    """
+
+    params_path: str
+    root: str
+    run_id: str | None = None
+    run_dir: str = ""
+    tracking_uri: str | None = None
+    reason: str = ""
+
+    @property
+    def params(self) -> Params:
+        """The validated ``params.yaml`` (read on each access: tasks may run in new processes)."""
+        return load_params(self.params_path)
+
+    @property
+    def out(self) -> Path:
+        """The run directory, created on demand."""
+        path = Path(self.run_dir or Path(self.root) / "outputs" / "runs" / "adhoc")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """What ``load_cubes`` found: validated frames, by reference.
+
+    Attributes:
+        paths: Absolute data files, in frame-id order.
+        train_ids: Training frame ids.
+        val_ids: Validation frame ids.
+        test_ids: Test frame ids.
+        data_hash: DVC content hash of the data read (the cache keys use it).
+        recorded_hash: Hash recorded in ``data.dvc``.
+        dirty: The data differs from ``data.dvc``.
+        num_frames: Frames available in ``paths``.
+        shape: (H, W, C) of every frame.
+        anomaly_pixels: Labelled anomaly pixels over the frames used.
+        frame_names: ``<file>#<index>`` per frame id.
+    """
+
+    paths: tuple[str, ...]
+    train_ids: tuple[int, ...]
+    val_ids: tuple[int, ...]
+    test_ids: tuple[int, ...]
+    data_hash: str
+    recorded_hash: str
+    dirty: bool
+    num_frames: int
+    shape: tuple[int, int, int]
+    anomaly_pixels: int
+    frame_names: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:
+        """Bands per frame."""
+        return self.shape[2]
+
+
+@dataclass(frozen=True)
+class InitStateRef:
+    """A Phase-1 initialization state, versioned by DVC.
+
+    Attributes:
+        state_hash: DVC hash (``<md5>.dir``) of the state directory; restorable by it.
+        source_data_hash: Data hash the state was fitted on.
+        pixel_count: Pixels accumulated.
+        passes: Passes over the data.
+        seconds: Wall time of the fit.
+        val_metrics: Validation metrics of the Phase-1-only pipeline.
+    """
+
+    state_hash: str
+    source_data_hash: str
+    pixel_count: int
+    passes: int
+    seconds: float
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """Outcome of ``drift_check``.
+
+    Attributes:
+        reinitialize: Run Phase 1 again (drift found, or nothing to compare with).
+        drifted: Drift was found (False when there was no reference).
+        reason: Human-readable reason of the decision.
+        fired: Criteria that fired.
+        drifted_bands: Bands over a per-band threshold.
+        champion_version: Registered version whose state was the reference.
+        reference_state_hash: DVC hash of the reference state (reusable when no drift).
+        report_path: JSON report ('' without reference).
+        plot_path: Per-band PNG ('' without reference).
+        summary: Small dict for event payloads and logs.
+    """
+
+    reinitialize: bool
+    drifted: bool
+    reason: str
+    fired: tuple[str, ...] = ()
+    drifted_bands: tuple[int, ...] = ()
+    champion_version: str | None = None
+    reference_state_hash: str | None = None
+    report_path: str = ""
+    plot_path: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineRef:
+    """A pipeline on disk (YAML + sibling ``.pt``).
+
+    Attributes:
+        config_path: The YAML file.
+        state_hash: Initialization state it was built from.
+        reused_state: The state was the champion's (no Phase 1 in this run).
+        unfrozen: Nodes trainable in Phase 2.
+        trainable_parameters: Number of trainable scalars.
+    """
+
+    config_path: str
+    state_hash: str
+    reused_state: bool
+    unfrozen: tuple[str, ...]
+    trainable_parameters: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of ``gradient_train``.
+
+    Attributes:
+        config_path: The trained pipeline's YAML (weights beside it).
+        state_hash: Initialization state it started from.
+        val_metrics: Last validation metrics (best checkpoint restored, threshold calibrated).
+        threshold: Calibrated decision threshold (logit units), if any.
+        epochs: Epochs run.
+        seconds: Wall time of the fit.
+    """
+
+    config_path: str
+    state_hash: str
+    val_metrics: dict[str, float]
+    threshold: float | None
+    epochs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test metrics on the pinned evaluation split.
+
+    Attributes:
+        metrics: ``{"metrics_anomaly/auroc": ..., ...}`` on the test frames.
+        split_id: Id of the pinned split (data hash + test frames).
+        artifacts: Local paths of the plots written.
+    """
+
+    metrics: dict[str, float]
+    split_id: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegistrationSummary:
+    """What ``register_model`` did (plain values of ``tasks.registry.RegistrationResult``)."""
+
+    model_name: str
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+    champion_version: str | None
+    previous_champion_version: str | None
+    model_uri: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a ``train``/``retrain`` flow run did (the ``cubeline run`` summary).
+
+    Attributes:
+        flow: Flow name.
+        ctx: The run context (MLflow run id, run directory, tracking URI).
+        data: The data trained on.
+        state_hash: Initialization state used.
+        phase1: ``fitted`` (ran now), ``cached`` (skipped: same data and params) or ``reused``
+            (the champion's state, no drift).
+        drift: The drift check (retrain only).
+        train: Phase-2 outcome.
+        evaluation: Test metrics.
+        registration: Registry outcome.
+    """
+
+    flow: str
+    ctx: RunContext
+    data: DataRef
+    state_hash: str
+    phase1: str
+    drift: DriftResult | None
+    train: TrainResult
+    evaluation: EvalResult
+    registration: RegistrationSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache keys
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(*parts: object) -> str:
+    blob = json.dumps([str(p) for p in parts], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _code_digest(fn: Callable[..., Any]) -> str:
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:12]
+    except (OSError, TypeError):
+        return "nosource"
+
+
+def _step_key(sections: tuple[str, ...]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """Cache key: data hash + params sections + code + repository, for a step's task."""
+
+    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        ctx: RunContext = parameters["ctx"]
+        data: DataRef | None = parameters.get("data")
+        paths = parameters.get("paths")
+        data_hash = data.data_hash if data is not None else _data_version(ctx, paths).content_hash
+        t = context.task
+        return "-".join(
+            (
+                t.name,
+                f"v{t.version}",
+                _code_digest(t.fn),
+                data_hash.replace(".", "_"),
+                ctx.params.section_hash(*sections),
+                _digest(Path(ctx.root).resolve(), paths or ""),
+            )
+        )
+
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (data, pipeline, MLflow)
+# --------------------------------------------------------------------------------------------
+
+
+def _data_paths(ctx: RunContext, paths: Sequence[str] | None) -> list[Path]:
+    raw = paths if paths else ctx.params.data.paths
+    return [resolve_path(ctx.params_path, p) for p in raw]
+
+
+def _data_version(ctx: RunContext, paths: Sequence[str] | None) -> Any:
+    from tasks.versioning import data_version, ensure_data
+
+    p = ctx.params
+    root = Path(ctx.root)
+    ensure_data(root, p.data.dvc_file, p.dvc.remote)
+    return data_version(root, p.data.dvc_file, _data_paths(ctx, paths))
+
+
+#: One validated datamodule per process: tasks of one flow run share it instead of re-reading
+#: and re-validating every frame (the data hash is part of the key, so a change is never missed).
+_DM_MEMO: dict[tuple[object, ...], CubeDataModule] = {}
+
+
+def _datamodule(
+    ctx: RunContext,
+    data_hash: str,
+    paths: Sequence[str],
+    splits: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+) -> CubeDataModule:
+    """A set-up (hence pandera-validated) datamodule over ``paths``, shared within the process."""
+    from nodes.data.datamodule import CubeDataModule
+
+    p = ctx.params
+    key = (data_hash, tuple(paths), splits, p.section_hash("data"), p.pipeline.normal_class_ids)
+    dm = _DM_MEMO.get(key)
+    if dm is None:
+        annotation = (
+            resolve_path(ctx.params_path, p.data.annotation_path)
+            if p.data.annotation_path
+            else None
+        )
+        train, val, test = splits
+        dm = CubeDataModule(
+            list(paths),
+            list(train),
+            list(val),
+            list(test),
+            batch_size=p.data.batch_size,
+            annotation_path=annotation,
+            expected_channels=p.data.expected_channels,
+            normal_class_ids=p.pipeline.normal_class_ids,
+            seed=p.phase2.seed,
+        )
+        dm.setup("fit")
+        _DM_MEMO.clear()
+        _DM_MEMO[key] = dm
+    return dm
+
+
+def _dm(ctx: RunContext, data: DataRef) -> CubeDataModule:
+    return _datamodule(
+        ctx, data.data_hash, data.paths, (data.train_ids, data.val_ids, data.test_ids)
+    )
+
+
+def build_pipeline(params: Params, input_channels: int) -> Pipeline:
+    """The channel-selector pipeline of ``params.pipeline`` for ``input_channels`` bands."""
+    from nodes.presets import build_channel_selector_pipeline
+
+    pp = params.pipeline
+    return build_channel_selector_pipeline(
+        input_channels=input_channels,
+        n_select=pp.n_select,
+        eps=pp.eps,
+        temperature_init=pp.temperature_init,
+        bce_weight=pp.bce_weight,
+        normal_class_ids=pp.normal_class_ids,
+        threshold=pp.threshold,
+        name=pp.name,
+    )
+
+
+def _states_dir(ctx: RunContext) -> Path:
+    return resolve_path(ctx.params_path, ctx.params.dvc.states_dir)
+
+
+def _restore_state(ctx: RunContext, state_hash: str) -> Path:
+    from tasks.versioning import restore_init_state
+
+    return restore_init_state(
+        state_hash, root=Path(ctx.root), remote=ctx.params.dvc.remote, states_dir=_states_dir(ctx)
+    )
+
+
+def _client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def _log_metrics(ctx: RunContext, metrics: Mapping[str, float], prefix: str = "") -> None:
+    if ctx.run_id is None:
+        return
+    import math
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(f"{prefix}{k}", float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    if batch:
+        _client().log_batch(ctx.run_id, metrics=batch)
+
+
+def _log_artifact(ctx: RunContext, path: Path, artifact_path: str) -> None:
+    if ctx.run_id is not None:
+        _client().log_artifact(ctx.run_id, str(path), artifact_path=artifact_path)
+
+
+def _set_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
+    if ctx.run_id is None:
+        return
+    client = _client()
+    for k, v in tags.items():
+        client.set_tag(ctx.run_id, k, v)
+
+
+@contextmanager
+def tracked_run(
+    params_path: str | Path | None, flow_name: str, reason: str = ""
+) -> Iterator[RunContext]:
+    """Open the MLflow run of one flow run; yields the :class:`RunContext` the tasks take.
+
+    Configures MLflow (default: ``<repo>/mlflow.db`` + ``<repo>/mlartifacts``), starts a run
+    tagged with the flow and the Prefect flow-run id, logs every ``params.yaml`` value
+    (flattened) and the params hash and git commit; ends the run FINISHED, or FAILED when the
+    body raises.
+
+    Args:
+        params_path: ``params.yaml`` (None: the repository's).
+        flow_name: Name of the flow (run name prefix, tag).
+        reason: Why the flow runs.
+
+    Raises:
+        ConfigError: params.yaml is invalid (before any run is created).
+        TrackingUnavailableError: The tracking store cannot be reached (fails fast).
+    """
+    import mlflow
+
+    from tasks.tracking import (
+        TAG_GIT_COMMIT,
+        TAG_PARAMS_HASH,
+        configure_mlflow,
+        flatten_params,
+        git_commit,
+    )
+
+    path = Path(params_path) if params_path else repo_root() / "params.yaml"
+    path = (path / "params.yaml" if path.is_dir() else path).resolve()
+    params = load_params(path)
+    root = repo_root(path.parent)
+    uri = configure_mlflow(
+        params.mlflow.tracking_uri, root, experiment_name=params.mlflow.experiment
+    )
+    flow_run_id, flow_run_name = _prefect_flow_run()
+    run = mlflow.start_run(
+        run_name=f"{flow_name}-{flow_run_name or uuid.uuid4().hex[:8]}",
+        tags={
+            "cubeline.flow": flow_name,
+            "cubeline.reason": reason[:5000],
+            "prefect.flow_run_id": flow_run_id or "",
+            TAG_PARAMS_HASH: params.section_hash(),
+            TAG_GIT_COMMIT: git_commit(root),
+        },
+    )
+    run_id = run.info.run_id
+    run_dir = root / "outputs" / "runs" / run_id
+    ctx = RunContext(str(path), str(root), run_id, str(run_dir), uri, reason)
+    try:
+        flat = flatten_params(params.to_dict())
+        mlflow.log_params(flat)
+        yield ctx
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _prefect_flow_run() -> tuple[str | None, str | None]:
+    from prefect.context import FlowRunContext
+
+    fr = FlowRunContext.get()
+    if fr is None or fr.flow_run is None:
+        return None, None
+    return str(fr.flow_run.id), fr.flow_run.name
+
+
+def _ensure_active_run(ctx: RunContext) -> None:
+    """Make the flow's run active in this thread (``mlflow.pyfunc.log_model`` logs there)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if ctx.run_id is None:
+        raise ConfigError("register_model needs an MLflow run: call it inside tracked_run()")
+    if active is None or active.info.run_id != ctx.run_id:
+        mlflow.start_run(run_id=ctx.run_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+@task(
+    name="load_cubes",
+    version=STEP_VERSIONS["load_cubes"],
+    cache_key_fn=_step_key(("data",)),
+    persist_result=True,
+)
+def load_cubes(ctx: RunContext, paths: tuple[str, ...] | None = None) -> DataRef:
+    """Read and validate the frames (pandera) and return a reference to them.
+
+    Args:
+        ctx: Run context.
+        paths: Frames to read instead of ``params.yaml`` ``data.paths`` (drift watch); all of
+            them form the training split.
+
+    Returns:
+        Paths, DVC content hash, frame count and shape; never the tensors.
+
+    Raises:
+        DataValidationError: A frame fails validation (the pandera report names file, field,
+            fix): the flow stops here, before anything is trained or registered.
+    """
+    from nodes.data.readers import count_frames
+
+    p = ctx.params
+    version = _data_version(ctx, paths)
+    files = [str(f) for f in _data_paths(ctx, paths)]
+    names = tuple(f"{Path(f).name}#{i}" for f in files for i in range(count_frames(f)))
+    splits: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    if paths:
+        splits = (tuple(range(len(names))), (0,), (0,))
+    else:
+        splits = (p.data.train_ids, p.data.val_ids, p.data.test_ids)
+    info = _datamodule(ctx, version.content_hash, files, splits).describe()
+    h, w, c = (int(v) for v in info["shape"])
+    return DataRef(
+        paths=tuple(files),
+        train_ids=splits[0],
+        val_ids=splits[1],
+        test_ids=splits[2],
+        data_hash=version.content_hash,
+        recorded_hash=version.recorded_hash,
+        dirty=version.dirty,
+        num_frames=int(info["num_frames"]),
+        shape=(h, w, c),
+        anomaly_pixels=int(info["anomaly_pixels"]),
+        frame_names=names,
+    )
+
+
+@task(
+    name="fit_statistics",
+    version=STEP_VERSIONS["fit_statistics"],
+    cache_key_fn=_step_key(("data", "pipeline", "phase1")),
+    persist_result=True,
+)
+def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
+    """Phase 1: fit the statistical nodes, save the initialization state, version it with DVC.
+
+    Returns:
+        The state's DVC hash and the fit's figures.
+
+    Raises:
+        ConfigError: ``phase1.sharding.runner`` is not ``inprocess`` (Dask comes later).
+    """
+    from nodes.init_state import save_init_state
+    from nodes.statistical_trainer import StatisticalTrainer
+    from tasks.versioning import STATE_FILE, version_init_state
+
+    p = ctx.params
+    if p.phase1.sharding.runner != "inprocess":
+        raise ConfigError(
+            f"params.yaml phase1.sharding.runner = {p.phase1.sharding.runner!r} is not "
+            "supported yet; use 'inprocess'"
+        )
+    dm = _dm(ctx, data)
+    pipeline = build_pipeline(p, data.channels)
+    trainer = StatisticalTrainer(
+        pipeline,
+        dm,
+        normal_only=p.phase1.normal_only,
+        sample_fraction=p.phase1.sample_fraction,
+        seed=p.phase1.seed,
+    )
+    report = trainer.fit()
+    val = trainer.validate()
+    states = _states_dir(ctx)
+    staging = states / f".staging-{uuid.uuid4().hex}"
+    try:
+        info = save_init_state(
+            pipeline,
+            staging / STATE_FILE,
+            source_data_hash=data.data_hash,
+            fit_report=report,
+            extra={"params_phase1": p.phase1.to_dict(), "params_pipeline": p.pipeline.to_dict()},
+        )
+        state_hash = version_init_state(
+            staging, root=Path(ctx.root), remote=p.dvc.remote, states_dir=states
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return InitStateRef(
+        state_hash=state_hash,
+        source_data_hash=data.data_hash,
+        pixel_count=info.pixel_count,
+        passes=report.passes,
+        seconds=report.seconds,
+        val_metrics={k: float(v) for k, v in val.items()},
+    )
+
+
+def _stream_moments(dm: CubeDataModule, normal_only: bool) -> Any:
+    """Raw-band moments of the training frames in one streaming pass (same pixels as Phase 1)."""
+    from nodes.stats import MomentAccumulator
+
+    acc: MomentAccumulator | None = None
+    for batch in dm.train_dataloader():
+        cube = batch["cube"]
+        pixels = cube.reshape(-1, cube.shape[-1])
+        if normal_only:
+            pixels = pixels[~batch["mask"].reshape(-1)]
+        if acc is None:
+            acc = MomentAccumulator(int(cube.shape[-1]))
+        acc.update(pixels)
+    if acc is None:
+        raise ConfigError("drift check: the training split yielded no batch")
+    return acc.finalize()
+
+
+@task(name="drift_check", version=STEP_VERSIONS["drift_check"])
+def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
+    """Compare the data's statistics with the champion's initialization state.
+
+    One streaming pass over the training frames; the reference is the raw-band moments stored
+    in the champion's DVC-versioned state (no second copy of the reference data). Writes a JSON
+    report and a per-band plot and logs them to the run.
+
+    Returns:
+        ``reinitialize=True`` when drift is found or there is no champion to compare with.
+
+    Raises:
+        DataValidationError: The frames have another band count than the champion's state.
+    """
+    from nodes.drift import compare_moments, plot_drift_report
+    from nodes.init_state import read_init_moments
+    from tasks.registry import CHAMPION, get_alias_version
+    from tasks.tracking import TAG_INIT_STATE_HASH
+
+    p = ctx.params
+    champion = get_alias_version(p.registry.model_name, CHAMPION)
+    if champion is None:
+        return DriftResult(
+            reinitialize=True,
+            drifted=False,
+            reason=f"no champion of {p.registry.model_name!r} yet: nothing to compare with, "
+            "Phase 1 initializes from the data",
+        )
+    run = _client().get_run(champion.run_id) if champion.run_id else None
+    state_hash = run.data.tags.get(TAG_INIT_STATE_HASH) if run is not None else None
+    if not state_hash:
+        return DriftResult(
+            reinitialize=True,
+            drifted=False,
+            reason=f"champion version {champion.version} records no initialization state "
+            f"(tag {TAG_INIT_STATE_HASH}): Phase 1 initializes from the data",
+            champion_version=str(champion.version),
+        )
+    reference = read_init_moments(_restore_state(ctx, state_hash))
+    current = _stream_moments(_dm(ctx, data), p.phase1.normal_only)
+    report = compare_moments(reference, current, p.drift.thresholds())
+    out = ctx.out / "drift"
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "drift_report.json"
+    report_path.write_text(
+        json.dumps(
+            {
+                **report.to_dict(),
+                "champion_version": str(champion.version),
+                "reference_state_hash": state_hash,
+                "data_hash": data.data_hash,
+            },
+            indent=2,
+        )
+    )
+    plot_path = plot_drift_report(
+        report,
+        out / "drift_bands.png",
+        title=f"data {data.data_hash[:8]} vs champion v{champion.version}",
+    )
+    _log_artifact(ctx, report_path, "drift")
+    _log_artifact(ctx, plot_path, "drift")
+    _log_metrics(ctx, {c.name: c.value for c in report.criteria}, prefix="drift/")
+    _log_metrics(ctx, {"drifted": float(report.drifted)}, prefix="drift/")
+    return DriftResult(
+        reinitialize=report.drifted,
+        drifted=report.drifted,
+        reason=report.reason,
+        fired=report.fired,
+        drifted_bands=report.drifted_bands,
+        champion_version=str(champion.version),
+        reference_state_hash=state_hash,
+        report_path=str(report_path),
+        plot_path=str(plot_path),
+        summary={**report.summary(), "champion_version": str(champion.version)},
+    )
+
+
+@task(name="unfreeze", version=STEP_VERSIONS["unfreeze"])
+def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> PipelineRef:
+    """Build the pipeline from an initialization state and unfreeze the Phase-2 nodes.
+
+    Restores the state by its DVC hash (cache or remote), tags the run with its lineage (data,
+    state, params, code) and saves the unfrozen pipeline for ``gradient_train``.
+
+    Args:
+        ctx: Run context.
+        data: The data the run trains on.
+        state_hash: DVC hash of the initialization state (fitted now, or the champion's).
+        reused: The state is the champion's (Phase 1 skipped after a drift check).
+    """
+    from nodes.init_state import load_init_state, read_init_info
+    from tasks.tracking import git_commit, set_lineage_tags
+
+    p = ctx.params
+    state_path = _restore_state(ctx, state_hash)
+    pipeline = build_pipeline(p, data.channels)
+    load_init_state(pipeline, state_path)
+    pipeline.unfreeze_nodes_by_name(p.pipeline.unfreeze)
+    cfg, _ = pipeline.save_to_file(ctx.out / "pipeline_init.yaml")
+    trainable = sum(t.numel() for t in pipeline.parameters() if t.requires_grad)
+    if ctx.run_id is not None:
+        set_lineage_tags(
+            data.data_hash, state_hash, p.section_hash(), git_commit(Path(ctx.root)), ctx.run_id
+        )
+        info = read_init_info(state_path)
+        _set_tags(
+            ctx,
+            {
+                "cubeline.init_state_reused": str(reused).lower(),
+                "cubeline.data_dirty": str(data.dirty).lower(),
+                "cubeline.data_recorded_hash": data.recorded_hash,
+                "cubeline.init_state_source_data_hash": info.source_data_hash,
+            },
+        )
+        _log_metrics(ctx, {"pixels": info.pixel_count, "passes": info.passes}, prefix="phase1/")
+    return PipelineRef(
+        config_path=str(cfg),
+        state_hash=state_hash,
+        reused_state=reused,
+        unfrozen=tuple(pipeline.unfrozen_node_names()),
+        trainable_parameters=int(trainable),
+    )
+
+
+@task(name="gradient_train", version=STEP_VERSIONS["gradient_train"])
+def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainResult:
+    """Phase 2 on Lightning, per-epoch metrics to the run through Lightning's MLflow logger.
+
+    The best checkpoint is restored and the decision threshold calibrated on the validation
+    frames (``params.yaml`` ``threshold``); the trained pipeline is saved and logged.
+    """
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from nodes.gradient_trainer import GradientTrainer
+    from nodes.pipeline import Pipeline
+
+    p = ctx.params
+    pipeline = Pipeline.load_from_file(pipe.config_path)
+    dm = _dm(ctx, data)
+    cfg = p.phase2.trainer
+    updates: dict[str, Any] = {"default_root_dir": str(ctx.out / "lightning")}
+    logger: Any = None
+    if ctx.run_id is not None and ctx.tracking_uri is not None:
+        from tasks.tracking import make_lightning_logger
+
+        logger = make_lightning_logger(ctx.run_id, ctx.tracking_uri)
+    elif cfg.callbacks.lr_monitor is not None:
+        # Lightning's LearningRateMonitor refuses to run without a logger.
+        updates["callbacks"] = cfg.callbacks.model_copy(update={"lr_monitor": None})
+    trainer = GradientTrainer(
+        pipeline,
+        dm,
+        loss_nodes=[pipeline.nodes["bce"]],  # type: ignore[list-item]
+        metric_nodes=[pipeline.nodes["metrics_anomaly"]],  # type: ignore[list-item]
+        trainer_config=cfg.model_copy(update=updates),
+        optimizer_config=p.phase2.optimizer,
+        scheduler_config=p.phase2.scheduler,
+        seed=p.phase2.seed,
+        logger=logger,
+        # The layer table says nothing the run's params do not; keep orchestrated logs short.
+        callbacks=[ModelSummary(max_depth=0)],
+        threshold_method=p.threshold.method,
+        target_fpr=p.threshold.target_fpr,
+    )
+    start = time.perf_counter()
+    val = trainer.fit()
+    seconds = time.perf_counter() - start
+    cfg_path, weights_path = pipeline.save_to_file(ctx.out / "pipeline.yaml")
+    _log_artifact(ctx, cfg_path, "pipeline")
+    _log_artifact(ctx, weights_path, "pipeline")
+    cal = trainer.calibration
+    threshold = float(cal.threshold) if cal is not None else None
+    epochs = int(trainer.trainer.current_epoch) if trainer.trainer is not None else 0
+    _log_metrics(ctx, {"seconds": seconds, "epochs": epochs}, prefix="phase2/")
+    if threshold is not None:
+        _log_metrics(ctx, {"threshold_logit": threshold})
+    return TrainResult(
+        config_path=str(cfg_path),
+        state_hash=pipe.state_hash,
+        val_metrics={k: float(v) for k, v in val.items()},
+        threshold=threshold,
+        epochs=epochs,
+        seconds=seconds,
+    )
+
+
+def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any, Any, Any]:
+    """Scores (N, H, W), targets (N, H, W) and frame ids of a split, with metrics computed.
+
+    Runs the pipeline once per batch in the ``test`` stage, so the metric nodes accumulate
+    while the scores are collected.
+    """
+    import numpy as np
+    import torch
+
+    from nodes.metrics import AnomalyDetectionMetrics
+
+    metric_nodes = [n for n in pipeline.node_list() if isinstance(n, AnomalyDetectionMetrics)]
+    for m in metric_nodes:
+        m.reset()
+    scores: list[Any] = []
+    targets: list[Any] = []
+    ids: list[int] = []
+    pipeline.eval()
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    with torch.no_grad():
+        for batch in loader:
+            out = pipeline.forward(batch, stage="test")
+            scores.append(out[SCORE_KEY].detach().cpu().numpy())
+            targets.append(batch["mask"].cpu().numpy())
+            ids.extend(int(i) for i in batch["frame_id"])
+    return np.concatenate(scores), np.concatenate(targets), ids
+
+
+@task(name="evaluate", version=STEP_VERSIONS["evaluate"])
+def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult:
+    """Test metrics on the pinned evaluation split; ROC/PR curves, histograms, anomaly maps."""
+    from nodes.metrics import AnomalyDetectionMetrics
+    from nodes.pipeline import Pipeline
+    from tasks.registry import split_id_of
+    from tasks.tracking import log_evaluation, write_evaluation_plots
+
+    pipeline = Pipeline.load_from_file(trained.config_path)
+    scores, targets, ids = score_split(pipeline, _dm(ctx, data), "test")
+    metrics = {
+        f"{m.name}/{k}": float(v)
+        for m in pipeline.node_list()
+        if isinstance(m, AnomalyDetectionMetrics)
+        for k, v in m.compute().items()
+    }
+    names = [data.frame_names[i] for i in ids]
+    split_id = split_id_of(tuple(data.frame_names[i] for i in data.test_ids), data.data_hash)
+    out = ctx.out / "evaluation"
+    if ctx.run_id is not None:
+        paths = log_evaluation(scores, targets, names, out, run_id=ctx.run_id)
+    else:
+        paths = write_evaluation_plots(scores, targets, names, out)
+    _log_metrics(ctx, metrics, prefix="test/")
+    _set_tags(ctx, {"cubeline.split_id": split_id})
+    return EvalResult(
+        metrics=metrics, split_id=split_id, artifacts={k: str(v) for k, v in paths.items()}
+    )
+
+
+@task(name="register_model", version=STEP_VERSIONS["register_model"])
+def register_model(
+    ctx: RunContext, data: DataRef, trained: TrainResult, evaluation: EvalResult
+) -> RegistrationSummary:
+    """Log the model (with signature), register a version, gate it, move the aliases.
+
+    ``challenger`` always moves to the new version; ``champion`` only when the gate of
+    ``params.yaml`` says so (inside a Prefect transaction, see :mod:`tasks.registry`). A
+    champion never scored on this split is re-scored here on the same test frames first.
+    """
+    import numpy as np
+
+    from nodes.pipeline import Pipeline
+    from tasks.pyfunc_model import load_champion, log_pipeline_model
+    from tasks.registry import register_and_promote
+
+    p = ctx.params
+    _ensure_active_run(ctx)
+    assert ctx.run_id is not None
+    pipeline = Pipeline.load_from_file(trained.config_path)
+    dm = _dm(ctx, data)
+    example = dm.get_frame(data.test_ids[0]).cube[None].astype(np.float32)
+    info = log_pipeline_model(
+        pipeline,
+        input_example=example,
+        pipeline_name=p.pipeline.name,
+        description=f"cubeline {p.pipeline.name}, data {data.data_hash}, init {trained.state_hash}",
+    )
+
+    def reevaluate(champion: Any, split_id: str) -> dict[str, float]:
+        from nodes.metrics import AnomalyDetectionMetrics
+
+        champ = load_champion(p.registry.model_name)
+        score_split(champ, dm, "test")
+        return {
+            f"{m.name}/{k}": float(v)
+            for m in champ.node_list()
+            if isinstance(m, AnomalyDetectionMetrics)
+            for k, v in m.compute().items()
+        }
+
+    result = register_and_promote(
+        ctx.run_id,
+        info.model_uri,
+        evaluation.metrics,
+        evaluation.split_id,
+        p.registry.gate,
+        p.registry.model_name,
+        reason_context=ctx.reason,
+        reevaluate_champion=reevaluate,
+    )
+    return RegistrationSummary(
+        model_name=result.model_name,
+        version=result.version,
+        alias=result.alias,
+        promoted=result.decision.promote,
+        reason=result.decision.reason,
+        champion_version=result.champion_version,
+        previous_champion_version=result.previous_champion_version,
+        model_uri=info.model_uri,
+    )
+
+
+@task(name="emit_drift_event", version=STEP_VERSIONS["emit_drift_event"])
+def emit_drift_event(ctx: RunContext, data: DataRef, result: DriftResult) -> str | None:
+    """Emit the Prefect event ``cubeline.drift.detected`` (a deployment trigger starts retrain).
+
+    Returns:
+        The event id, or None when Prefect did not accept it.
+    """
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=DRIFT_EVENT,
+        resource={
+            "prefect.resource.id": f"cubeline.data.{data.data_hash}",
+            "prefect.resource.name": f"data {data.data_hash[:12]}",
+        },
+        payload={
+            **result.summary,
+            "params_path": ctx.params_path,
+            "data_hash": data.data_hash,
+            "paths": list(data.paths),
+            "report": result.report_path,
+        },
+    )
+    return str(event.id) if event is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Plain functions behind `cubeline predict` and `cubeline phase1` (no flow run needed)
+# --------------------------------------------------------------------------------------------
+
+
+def predict_cubes(
+    params_path: str | Path, paths: Sequence[str | Path], out_dir: Path, alias: str = "champion"
+) -> list[Path]:
+    """Score frames with ``models:/<registry.model_name>@<alias>``; write anomaly maps.
+
+    For every frame: ``<file>_<index>.scores.npy`` (float32 RX scores), ``.decisions.npy``
+    (bool, the calibrated decider) and ``anomaly_map_<file>_<index>.png``.
+
+    Args:
+        params_path: ``params.yaml`` (model name, tracking store, expected band count).
+        paths: Frame files (``.mat``, ``.npz``, ``.cu3s``).
+        out_dir: Output directory (created).
+        alias: Registry alias to load.
+
+    Returns:
+        The files written.
+
+    Raises:
+        DataValidationError: A frame fails validation (nothing is written for any frame).
+        RegistryError: The model has no such alias.
+    """
+    import numpy as np
+
+    from nodes.data.readers import read_frames
+    from tasks.pyfunc_model import load_champion_model
+    from tasks.tracking import configure_mlflow, write_anomaly_maps
+
+    params = load_params(params_path)
+    root = repo_root(Path(params_path).resolve().parent)
+    # Validate every frame before writing anything.
+    frames = [
+        fr
+        for p in paths
+        for fr in read_frames(p, validate=True, expected_channels=params.data.expected_channels)
+    ]
+    configure_mlflow(params.mlflow.tracking_uri, root, experiment_name=params.mlflow.experiment)
+    model = load_champion_model(params.registry.model_name, alias)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for fr in frames:
+        name = f"{Path(fr.source).stem}_{fr.index}"
+        pred: Any = model.predict({"cube": fr.cube[None].astype(np.float32)})
+        scores = np.asarray(pred["scores"], dtype=np.float32)
+        for key, arr in (("scores", scores), ("decisions", np.asarray(pred["decisions"]))):
+            path = out_dir / f"{name}.{key}.npy"
+            np.save(path, arr[0])
+            written.append(path)
+        targets = fr.mask[None] if fr.labelled else None
+        written.extend(write_anomaly_maps(scores, [name], out_dir, targets=targets).values())
+    return written
+
+
+def phase1_report(params_path: str | Path) -> dict[str, Any]:
+    """Fit Phase 1 on the training frames; per-frame AUC/AP of the RX scores of every frame.
+
+    Returns:
+        ``{"seconds", "pixels", "passes", "setup_seconds", "frames": [{"frame", "split",
+        "anomaly_px", "auroc", "ap"}, ...]}``.
+    """
+    import numpy as np
+    import torch
+
+    from nodes.data.datamodule import CubeDataModule
+    from nodes.statistical_trainer import StatisticalTrainer
+    from tasks.tracking import average_precision, roc_curve
+
+    from tasks.versioning import ensure_data
+
+    params = load_params(params_path)
+    d = params.data
+    ensure_data(repo_root(Path(params_path).resolve().parent), d.dvc_file, params.dvc.remote)
+    files = [resolve_path(params_path, p) for p in d.paths]
+    start = time.perf_counter()
+    dm = CubeDataModule(
+        files,
+        d.train_ids,
+        d.val_ids,
+        d.test_ids,
+        batch_size=d.batch_size,
+        expected_channels=d.expected_channels,
+    )
+    dm.setup("fit")
+    setup_s = time.perf_counter() - start
+    pipeline = build_pipeline(params, dm.num_channels)
+    report = StatisticalTrainer(
+        pipeline,
+        dm,
+        normal_only=params.phase1.normal_only,
+        sample_fraction=params.phase1.sample_fraction,
+        seed=params.phase1.seed,
+    ).fit()
+    split_of = {
+        i: s
+        for s, ids in (("test", d.test_ids), ("val", d.val_ids), ("train", d.train_ids))
+        for i in ids
+    }
+    rows = []
+    pipeline.eval()
+    with torch.no_grad():
+        for fid in sorted(split_of):
+            fr = dm.get_frame(fid)
+            out = pipeline.forward(
+                {"cube": torch.from_numpy(np.ascontiguousarray(fr.cube[None]))},
+                stage="inference",
+                outputs=["rx.scores"],
+            )
+            s = out["rx.scores"][0].double().numpy()
+            _, _, auc = roc_curve(s, fr.mask)
+            rows.append(
+                {
+                    "frame": Path(fr.source).name,
+                    "split": split_of[fid],
+                    "anomaly_px": int(fr.mask.sum()),
+                    "auroc": auc,
+                    "ap": average_precision(s, fr.mask),
+                }
+            )
+    return {
+        "seconds": report.seconds,
+        "pixels": report.pixels,
+        "passes": report.passes,
+        "setup_seconds": setup_s,
+        "frames": rows,
+    }
