@@ -1082,7 +1082,6 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
     from nodes.data.datamodule import CubeDataModule
     from nodes.statistical_trainer import StatisticalTrainer
     from tasks.tracking import average_precision, roc_curve
-
     from tasks.versioning import ensure_data
 
     params = load_params(params_path)
