@@ -155,7 +155,7 @@ class CountingCubeDataModule(CubeDataModule):
 
     train_batches_yielded: int = 0
 
-    def train_dataloader(self) -> Any:  # type: ignore[override]
+    def train_dataloader(self) -> Any:
         loader = super().train_dataloader()
         owner = self
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from nodes import (
     CubelineError,
     DataValidationError,
     MinMaxNormalizer,
+    Node,
     Pipeline,
     PipelineError,
     RXGlobal,
@@ -25,6 +26,18 @@ from nodes import (
     TrainablePCA,
 )
 from nodes.stats import MomentState
+
+N = TypeVar("N", bound=Node)
+
+
+def _node(pipe: Pipeline, name: str, cls: type[N]) -> N:
+    node = pipe.nodes[name]
+    assert isinstance(node, cls)
+    return node
+
+
+def _rx(pipe: Pipeline) -> RXGlobal:
+    return _node(pipe, "rx", RXGlobal)
 
 
 def _chain(channels: int, n_select: int = 4, eps: float = 0.0, head: bool = False) -> Pipeline:
@@ -80,7 +93,7 @@ def test_affine_chain_is_fitted_in_one_data_pass(make_dm: Callable[..., Any], cu
     assert report.plan["rx"] == ("data.cube", ["norm", "sel"])
     assert report.pixels == 4 * 24 * 24
     assert set(report.root_moments) == {"data.cube"}
-    assert all(pipe.nodes[n].is_initialized for n in ("norm", "sel", "rx"))
+    assert all(n.is_initialized for n in pipe.node_list())
 
 
 def test_a_node_behind_a_non_affine_node_needs_a_second_pass(
@@ -112,13 +125,13 @@ def test_pipeline_without_statistical_nodes_reads_nothing(make_dm: Callable[...,
 def test_refit_false_skips_initialized_nodes(make_dm: Callable[..., Any], cubes: Any) -> None:
     pipe = _chain(cubes.channels, head=True)
     StatisticalTrainer(pipeline=pipe, datamodule=make_dm()).fit()
-    mu = pipe.nodes["rx"].mu.clone()
+    mu = _rx(pipe).mu.clone()
     dm2 = make_dm(train_ids=[3, 4])
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm2, refit=False).fit()
     assert report.passes == 0 and dm2.train_batches_yielded == 0
-    assert torch.equal(pipe.nodes["rx"].mu, mu)
+    assert torch.equal(_rx(pipe).mu, mu)
     StatisticalTrainer(pipeline=pipe, datamodule=dm2).fit()  # refit (default) refits
-    assert not torch.equal(pipe.nodes["rx"].mu, mu)
+    assert not torch.equal(_rx(pipe).mu, mu)
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -128,7 +141,9 @@ def test_fitted_rx_equals_moments_of_the_transformed_pixels(
     dm = make_dm(train_ids=[0, 1, 2], batch_size=2)
     pipe = _chain(cubes.channels, eps=0.0)
     StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
-    norm, sel, rx = (pipe.nodes[n] for n in ("norm", "sel", "rx"))
+    norm = _node(pipe, "norm", MinMaxNormalizer)
+    sel = _node(pipe, "sel", SoftChannelSelector)
+    rx = _rx(pipe)
     raw = torch.from_numpy(cubes.pixels([0, 1, 2]))
     assert float(norm.running_min) == float(raw.min())
     assert float(norm.running_max) == float(raw.max())
@@ -164,7 +179,7 @@ def test_rx_on_raw_cube_equals_numpy_statistics(make_dm: Callable[..., Any], cub
     pipe = _rx_only()
     StatisticalTrainer(pipeline=pipe, datamodule=make_dm(train_ids=[0, 1, 2])).fit()
     x = cubes.pixels([0, 1, 2])
-    rx = pipe.nodes["rx"]
+    rx = _rx(pipe)
     np.testing.assert_allclose(rx.mu.numpy(), x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(rx.sigma.numpy(), np.cov(x, rowvar=False), rtol=1e-9)
 
@@ -177,15 +192,15 @@ def test_normal_only_excludes_labelled_anomalies(make_dm: Callable[..., Any], cu
     pipe = _rx_only()
     report = StatisticalTrainer(pipeline=pipe, datamodule=make_dm(train_ids=ids),
                                 normal_only=True).fit()
-    rx = pipe.nodes["rx"]
+    rx = _rx(pipe)
     assert report.pixels == int((~y).sum())
     np.testing.assert_allclose(rx.mu.numpy(), x[~y].mean(0), rtol=1e-12)
     np.testing.assert_allclose(rx.sigma.numpy(), np.cov(x[~y], rowvar=False), rtol=1e-9)
     # Default: every pixel counts (the textbook RX) — a visibly different background.
     everything = _rx_only()
     StatisticalTrainer(pipeline=everything, datamodule=make_dm(train_ids=ids)).fit()
-    np.testing.assert_allclose(everything.nodes["rx"].mu.numpy(), x.mean(0), rtol=1e-12)
-    assert not np.allclose(everything.nodes["rx"].mu.numpy(), x[~y].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(_rx(everything).mu.numpy(), x.mean(0), rtol=1e-12)
+    assert not np.allclose(_rx(everything).mu.numpy(), x[~y].mean(0), rtol=1e-6)
 
 
 def test_normal_only_through_the_affine_chain(
@@ -199,10 +214,10 @@ def test_normal_only_through_the_affine_chain(
     dm = make_dm(train_ids=[0, 1, 2], data=data)
     StatisticalTrainer(pipeline=pipe, datamodule=dm, normal_only=True).fit()
     # Min-max comes from the normal pixels only: the saturated target does not stretch it.
-    assert float(pipe.nodes["norm"].running_max) == float(x[~y].max()) < 5000.0
-    assert float(pipe.nodes["norm"].running_min) == float(x[~y].min())
+    assert float(_node(pipe, "norm", MinMaxNormalizer).running_max) == float(x[~y].max()) < 5000.0
+    assert float(_node(pipe, "norm", MinMaxNormalizer).running_min) == float(x[~y].min())
     fed = _train_outputs(pipe, dm, "sel.selected").double()[torch.from_numpy(~y)]
-    assert _rel(pipe.nodes["rx"].mu, fed.mean(0)) <= 1e-6
+    assert _rel(_rx(pipe).mu, fed.mean(0)) <= 1e-6
 
 
 def test_sample_fraction_is_seeded(make_dm: Callable[..., Any]) -> None:
@@ -210,7 +225,7 @@ def test_sample_fraction_is_seeded(make_dm: Callable[..., Any]) -> None:
         pipe = _rx_only()
         report = StatisticalTrainer(pipeline=pipe, datamodule=make_dm(), sample_fraction=fraction,
                                     seed=seed).fit()
-        return pipe.nodes["rx"].mu.clone(), report.pixels
+        return _rx(pipe).mu.clone(), report.pixels
 
     a, na = fit(7)
     b, nb = fit(7)
@@ -289,7 +304,7 @@ def test_fit_on_the_bundled_session_one_pass(session_paths: list[Any]) -> None:
     class _Counting(CubeDataModule):
         yielded = 0
 
-        def train_dataloader(self) -> Any:  # type: ignore[override]
+        def train_dataloader(self) -> Any:
             for batch in super().train_dataloader():
                 type(self).yielded += 1
                 yield batch
@@ -299,4 +314,4 @@ def test_fit_on_the_bundled_session_one_pass(session_paths: list[Any]) -> None:
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
     assert report.passes == 1 and _Counting.yielded == 2
     assert report.pixels == 3 * 100 * 100
-    assert pipe.nodes["rx"].is_initialized
+    assert _rx(pipe).is_initialized
