@@ -67,6 +67,7 @@ __all__ = [
     "PromotionDecision",
     "RegistrationResult",
     "RegistryError",
+    "as_gate",
     "champion_history",
     "decide_promotion",
     "get_alias_version",
@@ -181,6 +182,23 @@ class GateConfig(BaseModel):
             ) from exc
 
 
+GateLike = GateConfig | BaseModel | Mapping[str, Any]
+
+
+def as_gate(gate: GateLike, source: str = "params.yaml:registry.gate") -> GateConfig:
+    """Coerce a gate given as :class:`GateConfig`, another pydantic model or a mapping.
+
+    Lets callers pass the typed ``params.yaml`` section as it is.
+
+    Raises:
+        ConfigError: The fields do not make a valid gate.
+    """
+    if isinstance(gate, GateConfig):
+        return gate
+    data = gate.model_dump() if isinstance(gate, BaseModel) else dict(gate)
+    return GateConfig.from_mapping(data, source=source)
+
+
 @dataclass(frozen=True)
 class PromotionDecision:
     """Outcome of :func:`decide_promotion`.
@@ -225,7 +243,7 @@ def _metric(metrics: Mapping[str, float], name: str, who: str) -> float:
 def decide_promotion(
     challenger_metrics: Mapping[str, float],
     champion_metrics: Mapping[str, float] | None,
-    gate: GateConfig,
+    gate: GateLike,
     *,
     challenger_split_id: str,
     champion_split_id: str | None = None,
@@ -250,6 +268,7 @@ def decide_promotion(
     Raises:
         ConfigError: The challenger lacks the gate metric or a thresholded metric.
     """
+    gate = as_gate(gate)
     name = gate.metric
     value = _metric(challenger_metrics, name, "challenger")
     failed: list[str] = []
@@ -705,7 +724,7 @@ def register_and_promote(
     model_uri: str,
     metrics: Mapping[str, float],
     split_id: str,
-    gate: GateConfig,
+    gate: GateLike,
     model_name: str,
     reason_context: str = "",
     *,
@@ -719,7 +738,7 @@ def register_and_promote(
         model_uri: The logged model (``models:/<model_id>`` from ``log_pipeline_model``).
         metrics: Its test metrics on ``split_id``.
         split_id: Pinned evaluation split (:func:`split_id_of`).
-        gate: Promotion gate.
+        gate: Promotion gate (a :class:`GateConfig`, or the ``params.yaml`` section).
         model_name: Registered model name (``params.yaml``).
         reason_context: Why this run happened (flow, trigger), kept with the version and the
             history.
@@ -739,6 +758,7 @@ def register_and_promote(
     from prefect.transactions import transaction
 
     client = _client()
+    gate = as_gate(gate)
     metrics = {k: float(v) for k, v in metrics.items()}
     with _registry_lock(lock_timeout_s):
         _ensure_registered_model(client, model_name)
@@ -828,7 +848,7 @@ def promote_version(
     model_name: str,
     version: str | int,
     reason: str,
-    gate: GateConfig | None = None,
+    gate: GateLike | None = None,
     *,
     lock_timeout_s: float = 600.0,
 ) -> PromotionDecision:
@@ -855,6 +875,7 @@ def promote_version(
 
     client = _client()
     version = str(version)
+    gate = None if gate is None else as_gate(gate)
     with _registry_lock(lock_timeout_s):
         try:
             mv = client.get_model_version(model_name, version)
@@ -921,9 +942,10 @@ def rollback(model_name: str, reason: str, *, lock_timeout_s: float = 600.0) -> 
         The history entry of the rollback.
 
     Raises:
-        RegistryError: No champion, no previous champion, or ``champion`` was moved outside
-            cubeline so the history does not say what "previous" is.
+        RegistryError: No champion, no previous champion (or it was deleted), or ``champion``
+            was moved outside cubeline so the history does not say what "previous" is.
     """
+    from mlflow.exceptions import MlflowException
     from prefect.transactions import transaction
 
     client = _client()
@@ -950,6 +972,13 @@ def rollback(model_name: str, reason: str, *, lock_timeout_s: float = 600.0) -> 
                 "there is no previous champion to roll back to."
             )
         target = stack[-2]
+        try:
+            client.get_model_version(model_name, target)
+        except MlflowException as exc:
+            raise RegistryError(
+                f"The previous champion of {model_name!r}, version {target}, no longer exists "
+                f"({exc}). Fix: choose a version with `cubeline promote --version N`."
+            ) from exc
         with transaction() as txn:
             entry = _change_champion(
                 client, txn, model_name, target, current, "rollback", reason, None, entries

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_EXPERIMENT = "cubeline"
+_log = logging.getLogger(__name__)
 
 #: MLflow 3.17's limits (``MAX_PARAM_VAL_LENGTH`` and ``MAX_ENTITY_KEY_LENGTH`` in
 #: ``mlflow.utils.validation``), copied so that flattening params does not import mlflow. A test
@@ -214,8 +216,17 @@ def configure_mlflow(
                 # Two processes creating the experiment at once: the loser reuses the winner's.
                 if "already exists" not in str(exc).lower():
                     raise
-        elif experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
+        else:
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+            if experiment.artifact_location != artifact_root and db_path is not None:
+                # An experiment's artifact location is fixed at creation; say where runs go.
+                _log.warning(
+                    "MLflow experiment %r keeps its artifact location %s (not %s)",
+                    experiment_name,
+                    experiment.artifact_location,
+                    artifact_root,
+                )
         mlflow.set_experiment(experiment_name)
     except MlflowException as exc:
         raise TrackingUnavailableError(

@@ -137,6 +137,29 @@ def test_gate_config_rejects_unknown_keys_and_is_frozen() -> None:
         GATE.metric = "other"  # type: ignore[misc]
 
 
+def test_gate_may_be_another_pydantic_model_or_a_mapping() -> None:
+    from pydantic import BaseModel
+
+    class Section(BaseModel):  # a params.yaml section with the gate's fields
+        metric: str
+        min_improvement: float
+        absolute_thresholds: dict[str, float]
+
+    section = Section(
+        metric="metrics_anomaly/auroc",
+        min_improvement=0.01,
+        absolute_thresholds={"metrics_anomaly/auroc": 0.8},
+    )
+    for gate in (section, section.model_dump()):
+        d = decide_promotion(
+            m(0.83), m(0.82), gate, challenger_split_id=SPLIT, champion_split_id=SPLIT
+        )
+        assert d.promote
+        assert not decide_promotion(m(0.79), None, gate, challenger_split_id=SPLIT).promote
+    with pytest.raises(ConfigError, match="mode"):
+        decide_promotion(m(0.9), None, {"mode": "up"}, challenger_split_id=SPLIT)
+
+
 def test_split_id_ignores_frame_order_but_not_data() -> None:
     assert split_id_of(["a", "b"], "h1") == split_id_of(["b", "a"], "h1")
     assert split_id_of(["a", "b"], "h1") != split_id_of(["a", "b"], "h2")
@@ -271,6 +294,17 @@ def test_rollback_without_champion_or_after_outside_move(store: dict[str, str], 
     mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, "1")  # by hand, in the UI
     with pytest.raises(RegistryError, match="moved outside cubeline"):
         rollback(name, "confused")
+
+
+def test_rollback_to_a_deleted_version_is_refused(store: dict[str, str], name: str) -> None:
+    import mlflow
+
+    reg(store, name, 0.85)
+    reg(store, name, 0.95)
+    mlflow.MlflowClient().delete_model_version(name, "1")
+    with pytest.raises(RegistryError, match="version 1, no longer exists"):
+        rollback(name, "v2 is bad")
+    assert alias(name, CHAMPION) == "2"
 
 
 def test_champion_on_another_split_is_reevaluated_by_the_hook(
