@@ -458,6 +458,7 @@ class TrainerConfig(ConfigModel):
     max_epochs: PositiveInt = 100
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     devices: int | str | Sequence[int] = "auto"
+    strategy: str = "auto"
     precision: Precision = "32-true"
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
     log_every_n_steps: PositiveInt = 1

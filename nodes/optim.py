@@ -215,6 +215,7 @@ def build_trainer_kwargs(
         "max_epochs": cfg.max_epochs,
         "accelerator": cfg.accelerator,
         "devices": devices,
+        "strategy": cfg.strategy,
         "precision": cfg.precision,
         "callbacks": build_callbacks(cfg.callbacks, default_dirpath=default_dirpath),
         "enable_checkpointing": cfg.callbacks.checkpoint is not None,
