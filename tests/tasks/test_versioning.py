@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,30 +17,13 @@ from tasks.versioning import (
     restore_init_state,
     version_init_state,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=root, check=True, capture_output=True, text=True
-    ).stdout
+from tests.flows.helpers import copy_repo, git
 
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
-    """The working tree as git sees it (tracked + unignored files), as a fresh git repo."""
-    dst = tmp_path / "repo"
-    files = _git(REPO, "ls-files", "-co", "--exclude-standard", "-z").split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    _git(dst, "init", "-q")
-    _git(dst, "add", "-A")
-    _git(dst, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
-    return dst
+    """A fresh copy of the repository (data not checked out, as on a fresh clone)."""
+    return copy_repo(tmp_path / "repo")
 
 
 def _state(tmp: Path, payload: bytes) -> Path:
@@ -111,12 +93,12 @@ def test_state_round_trip_through_cache_and_remote(repo: Path, tmp_path: Path) -
 
 def test_versioning_leaves_the_git_tree_unchanged(repo: Path, tmp_path: Path) -> None:
     ensure_data(repo)
-    before = _git(repo, "status", "--porcelain")
+    before = git(repo, "status", "--porcelain")
     version_init_state(
         _state(tmp_path, b"abc"), root=repo, remote="local", states_dir=repo / "outputs" / "states"
     )
     data_version(repo)
-    assert _git(repo, "status", "--porcelain") == before
+    assert git(repo, "status", "--porcelain") == before
 
 
 def test_unknown_and_malformed_hashes(repo: Path) -> None:
