@@ -113,6 +113,30 @@ def test_a_node_behind_a_non_affine_node_needs_a_second_pass(
     assert abs(float(logits.std()) - 1.0) < 1e-4
 
 
+def test_normalizer_behind_a_fitted_selector_waits_for_it(
+    make_dm: Callable[..., Any], cubes: Any
+) -> None:
+    """data → selector(variance) → normalizer → RX: the normalizer needs the exact min/max of
+    the selector's output, which exists only once the selector is fitted; RX's affine chain runs
+    through both. Two passes, and every fit exact."""
+    pipe = Pipeline("sel-first")
+    data = AnomalyDataNode()
+    sel = SoftChannelSelector(n_select=4, input_channels=cubes.channels, name="sel")
+    norm = MinMaxNormalizer(per_channel=True, name="norm")
+    rx = RXGlobal(num_channels=4, eps=0.0, name="rx")
+    pipe.connect((data.cube, sel.data), (sel.selected, norm.data), (norm.normalized, rx.data))
+    dm = make_dm(train_ids=[0, 1, 2], batch_size=2)
+    report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
+    assert report.passes == 2 and dm.train_passes == 2
+    assert report.fitted.index("sel") < report.fitted.index("norm") < report.fitted.index("rx")
+    selected = _train_outputs(pipe, dm, "sel.selected")
+    torch.testing.assert_close(norm.running_min, selected.amin(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(norm.running_max, selected.amax(0), rtol=1e-6, atol=1e-5)
+    fed = _train_outputs(pipe, dm, "norm.normalized").double()
+    assert _rel(rx.mu, fed.mean(0)) <= 1e-6
+    assert _rel(rx.sigma, MomentState.from_samples(fed).cov()) <= 1e-5
+
+
 def test_pipeline_without_statistical_nodes_reads_nothing(make_dm: Callable[..., Any]) -> None:
     dm = make_dm()
     pipe = Pipeline("none")
