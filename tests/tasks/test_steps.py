@@ -1,0 +1,140 @@
+"""The step functions without an orchestrator (``task.fn``), their cache keys and helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nodes.errors import DataValidationError
+from tasks.steps import (
+    DataRef,
+    RunContext,
+    _step_key,
+    drift_check,
+    fit_statistics,
+    load_cubes,
+    predict_cubes,
+    tracked_run,
+    unfreeze,
+)
+from tests.flows.helpers import FAST_PARAMS, copy_repo, edit_params
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("steps") / "repo")
+    edit_params(root, **FAST_PARAMS)
+    return root
+
+
+def _ctx(root: Path, **kw: Any) -> RunContext:
+    return RunContext(str(root / "params.yaml"), str(root), **kw)
+
+
+@pytest.fixture(scope="module")
+def data(repo: Path) -> DataRef:
+    return load_cubes.fn(_ctx(repo))
+
+
+def test_load_cubes_returns_a_small_reference(repo: Path, data: DataRef) -> None:
+    from tasks.versioning import read_dvc_file
+
+    assert data.data_hash == read_dvc_file(repo)[0] and not data.dirty
+    assert data.shape == (100, 100, 205) and data.num_frames == 5
+    assert (data.train_ids, data.val_ids, data.test_ids) == ((0, 1, 2), (3,), (4,))
+    assert data.frame_names[0] == "abu-airport-1.mat#0"
+    assert data.anomaly_pixels == 144 + 87 + 170 + 272 + 232
+    assert all(Path(p).is_absolute() for p in data.paths)
+
+
+def test_watch_paths_form_the_training_split(repo: Path, data: DataRef) -> None:
+    extra = str(repo / "data" / "extra" / "abu-urban-1.mat")
+    with pytest.raises(DataValidationError, match="204"):
+        load_cubes.fn(_ctx(repo), paths=(extra,))  # 204 bands, params expect 205
+    watched = load_cubes.fn(_ctx(repo), paths=tuple(data.paths[3:]))
+    assert watched.train_ids == (0, 1) and watched.num_frames == 2
+    assert watched.data_hash == data.data_hash  # inside data/: the tracked directory's hash
+
+
+def _key_of(task: Any, ctx: RunContext, **params: Any) -> str:
+    key_fn = _step_key(("data", "pipeline", "phase1"))
+    return key_fn(SimpleNamespace(task=task), {"ctx": ctx, **params})  # type: ignore[arg-type]
+
+
+def test_cache_key_moves_with_data_params_code_and_repo(
+    repo: Path, data: DataRef, tmp_path: Path
+) -> None:
+    ctx = _ctx(repo)
+    base = _key_of(fit_statistics, ctx, data=data)
+    assert base == _key_of(fit_statistics, ctx, data=data)
+    other_data = DataRef(**{**data.__dict__, "data_hash": "0" * 32 + ".dir"})
+    assert _key_of(fit_statistics, ctx, data=other_data) != base
+    bumped = SimpleNamespace(name=fit_statistics.name, version="999", fn=fit_statistics.fn)
+    assert _key_of(bumped, ctx, data=data) != base
+    other_code = SimpleNamespace(name=fit_statistics.name, version=fit_statistics.version, fn=len)
+    assert _key_of(other_code, ctx, data=data) != base
+    # Another repository with the same params: another key (its DVC cache differs).
+    elsewhere = copy_repo(tmp_path / "other")
+    edit_params(elsewhere, **FAST_PARAMS)
+    assert _key_of(fit_statistics, _ctx(elsewhere), data=data) != base
+    # A section the step does not read leaves the key alone; one it reads moves it.
+    edit_params(repo, drift={"mean_shift": 9.0})
+    assert _key_of(fit_statistics, ctx, data=data) == base
+    edit_params(repo, phase1={"seed": 3})
+    try:
+        assert _key_of(fit_statistics, ctx, data=data) != base
+    finally:
+        edit_params(repo, phase1={"seed": 0}, drift={"mean_shift": 1.5})
+
+
+def test_fit_then_unfreeze_from_the_versioned_state(
+    repo: Path, data: DataRef, tmp_path: Path
+) -> None:
+    from nodes.pipeline import Pipeline
+
+    init = fit_statistics.fn(_ctx(repo), data)
+    assert init.state_hash.endswith(".dir") and init.source_data_hash == data.data_hash
+    assert init.pixel_count == 30000 - (144 + 87 + 170)  # normal-only training pixels
+    assert 0.0 < init.val_metrics["metrics_anomaly/auroc"] <= 1.0
+    ref = unfreeze.fn(_ctx(repo, run_dir=str(tmp_path)), data, init.state_hash, reused=False)
+    assert set(ref.unfrozen) == {"selector", "rx", "logit_head"}
+    assert ref.trainable_parameters > 0
+    loaded = Pipeline.load_from_file(ref.config_path)
+    assert set(loaded.unfrozen_node_names()) == set(ref.unfrozen)
+
+
+def test_drift_check_without_champion_asks_for_phase1(repo: Path, data: DataRef) -> None:
+    from tasks.tracking import configure_mlflow
+
+    configure_mlflow(None, repo)
+    result = drift_check.fn(_ctx(repo), data)
+    assert result.reinitialize and not result.drifted
+    assert "no champion" in result.reason and result.reference_state_hash is None
+
+
+def test_tracked_run_marks_failures(repo: Path) -> None:
+    import mlflow
+
+    with pytest.raises(RuntimeError, match="boom"), tracked_run(repo, "test") as ctx:
+        run_id = ctx.run_id
+        assert Path(ctx.params_path) == repo / "params.yaml"
+        raise RuntimeError("boom")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params["registry.model_name"] == "cubeline-channel-selector"
+    assert run.data.tags["cubeline.flow"] == "test"
+
+
+def test_predict_refuses_bad_frames_before_writing(repo: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    cube = np.ones((4, 4, 205), np.float32)
+    cube[0, 0, 0] = np.inf
+    np.savez(bad, cube=cube, mask=np.zeros((4, 4), np.int64))
+    out = tmp_path / "pred"
+    with pytest.raises(DataValidationError, match="n_nonfinite"):
+        predict_cubes(repo / "params.yaml", [bad], out)
+    assert not out.exists()
