@@ -15,13 +15,17 @@ Crash and concurrency safety (why the code is ordered as it is):
   It is never deleted and set again.
 - The alias moves run inside a Prefect transaction whose rollback hooks put the previous
   ``champion``/``challenger`` back (only if the alias still names our version), so an exception
-  after the move leaves the old champion in place. A SIGKILL cannot run hooks; it leaves the old
-  or the new champion, both valid states.
+  after the move leaves the old champion in place. Called inside a Prefect task, the transaction
+  nests in the task's own: if the task fails after registering, the moves are undone too (the
+  new version stays registered; its ``cubeline.decision`` tag says ``rolled_back``). A SIGKILL
+  cannot run hooks; it leaves the old or the new champion, both valid states.
 - The whole read → decide → write sequence holds an exclusive file lock keyed on the registry URI
-  (``fcntl`` through ``filelock``; the kernel drops it when a process dies, so a kill leaves no
-  stale lock). Two concurrent registrations therefore serialize: the second one is compared with
-  the first one's result, and the history stays a single line. The lock is host-local: two hosts
-  writing to one remote registry are not serialized (run registration from one place).
+  (:func:`tasks.tracking.uri_lock`: ``fcntl`` through ``filelock``; the kernel drops it when a
+  process dies, so a kill leaves no stale lock). Two concurrent registrations therefore
+  serialize: the second one is compared with the first one's result, and the history stays a
+  single line. The lock is host-local: two hosts writing to one remote registry are not
+  serialized (run registration from one place). A ``reevaluate_champion`` hook runs under the
+  lock, so a concurrent registration waits for it.
 
 Champion history is kept in the registry itself, as registered-model tags
 ``cubeline.champion_history.<seq>`` holding one JSON entry each (append-only, bounded size, no
@@ -39,13 +43,10 @@ import json
 import math
 import os
 import signal
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -53,7 +54,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nodes.errors import ConfigError, CubelineError
 
 if TYPE_CHECKING:
-    from filelock import BaseFileLock
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
@@ -468,44 +468,21 @@ def get_alias_version(model_name: str, alias: str) -> ModelVersion | None:
         raise
 
 
-_locks: dict[str, BaseFileLock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock_path() -> Path:
-    import mlflow
-
-    uri = mlflow.get_registry_uri()
-    if uri.startswith("sqlite:///"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    key = hashlib.sha256(uri.encode()).hexdigest()[:20]
-    # Not beside mlflow.db: the repo root must stay free of unexpected files.
-    lock_dir = Path(tempfile.gettempdir()) / "cubeline-registry-locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    return lock_dir / f"{key}.lock"
-
-
 @contextlib.contextmanager
 def _registry_lock(timeout_s: float) -> Iterator[None]:
-    from filelock import FileLock, Timeout
+    import mlflow
 
-    path = _lock_path()
-    with _locks_guard:
-        # One object per path: the lock is re-entrant within a thread (a rollback hook may run
-        # while the registration that registered it still holds the lock).
-        lock = _locks.setdefault(str(path), FileLock(path))
+    from tasks.tracking import LockTimeoutError, uri_lock
+
     try:
-        lock.acquire(timeout=timeout_s)
-    except Timeout as exc:
+        with uri_lock(mlflow.get_registry_uri(), "registry", timeout_s):
+            yield
+    except LockTimeoutError as exc:
         raise RegistryError(
-            f"Another registration has held the registry lock {path} for over {timeout_s:.0f} s. "
-            "Fix: wait for the other cubeline run to finish; the lock frees itself when that "
-            "process exits."
+            f"Another registration has held the registry lock {exc.path} for over "
+            f"{timeout_s:.0f} s. Fix: wait for the other cubeline run to finish; the lock frees "
+            "itself when that process exits."
         ) from exc
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
@@ -706,6 +683,8 @@ def _change_champion(
 
     def mark_aborted() -> None:
         _write_entry(client, model_name, {**entry, "state": "aborted", "settled_at": _now()})
+        if action == "promote":
+            client.set_model_version_tag(model_name, version, _TAG_DECISION, "rolled_back")
 
     _move_alias(client, txn, model_name, CHAMPION, version, previous, on_undo=mark_aborted)
     _fault("after_champion_alias")

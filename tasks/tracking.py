@@ -18,6 +18,7 @@ this module must stay cheap for the CLI (``../shared/STACK.md``: mlflow alone co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,11 +27,13 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,7 @@ import numpy as np
 from nodes.errors import CubelineError, DataValidationError
 
 if TYPE_CHECKING:
+    from filelock import BaseFileLock
     from lightning.pytorch.loggers import MLFlowLogger
 
 __all__ = [
@@ -49,17 +53,20 @@ __all__ = [
     "TAG_GIT_COMMIT",
     "TAG_INIT_STATE_HASH",
     "TAG_PARAMS_HASH",
+    "LockTimeoutError",
     "TrackingUnavailableError",
     "average_precision",
     "configure_mlflow",
     "flatten_params",
     "git_commit",
+    "lock_path",
     "log_evaluation",
     "make_lightning_logger",
     "params_hash",
     "pr_curve",
     "roc_curve",
     "set_lineage_tags",
+    "uri_lock",
     "write_anomaly_maps",
     "write_evaluation_plots",
 ]
@@ -87,6 +94,63 @@ _PROBE_TIMEOUT_S = 2.5
 
 class TrackingUnavailableError(CubelineError):
     """The MLflow tracking server (or store) cannot be reached or opened."""
+
+
+class LockTimeoutError(CubelineError):
+    """A cross-process lock on a tracking/registry store was not obtained in time."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-process locks keyed on a store URI
+# --------------------------------------------------------------------------------------------
+
+_locks: dict[str, BaseFileLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _normalized_uri(uri: str) -> str:
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri.rstrip("/")
+
+
+def lock_path(uri: str, purpose: str) -> Path:
+    """Lock file for ``purpose`` on the store at ``uri`` (in the temp dir, not the repo)."""
+    key = hashlib.sha256(_normalized_uri(uri).encode()).hexdigest()[:20]
+    # Not beside mlflow.db: the repository must stay free of unexpected files.
+    lock_dir = Path(tempfile.gettempdir()) / "cubeline-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    return lock_dir / f"{key}.{purpose}.lock"
+
+
+@contextlib.contextmanager
+def uri_lock(uri: str, purpose: str, timeout_s: float) -> Iterator[None]:
+    """Hold an exclusive lock on ``(uri, purpose)`` across processes and threads.
+
+    ``fcntl`` locks through ``filelock``: the kernel releases them when the holder dies, so a
+    killed process leaves no stale lock. Re-entrant within a thread (one lock object per path),
+    so a rollback hook may take the lock its registration already holds. Host-local: processes
+    on other machines sharing a remote store are not excluded.
+
+    Raises:
+        LockTimeoutError: Not obtained within ``timeout_s``.
+    """
+    from filelock import FileLock, Timeout
+
+    path = lock_path(uri, purpose)
+    with _locks_guard:
+        lock = _locks.setdefault(str(path), FileLock(path))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout as exc:
+        raise LockTimeoutError(f"lock {path} not obtained within {timeout_s:.0f} s", path) from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,34 +270,45 @@ def configure_mlflow(
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri or uri)
     artifact_root = (repo_root / "mlartifacts").as_uri()
-    client = mlflow.MlflowClient()
     try:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            try:
-                client.create_experiment(experiment_name, artifact_location=artifact_root)
-            except MlflowException as exc:
-                # Two processes creating the experiment at once: the loser reuses the winner's.
-                if "already exists" not in str(exc).lower():
-                    raise
-        else:
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment.experiment_id)
-            if experiment.artifact_location != artifact_root and db_path is not None:
-                # An experiment's artifact location is fixed at creation; say where runs go.
-                _log.warning(
-                    "MLflow experiment %r keeps its artifact location %s (not %s)",
-                    experiment_name,
-                    experiment.artifact_location,
-                    artifact_root,
-                )
-        mlflow.set_experiment(experiment_name)
-    except MlflowException as exc:
+        # The first client call creates/migrates a fresh SQLite schema; two processes doing it at
+        # once fail ("duplicate column"), so store initialization is serialized.
+        with uri_lock(uri, "init", timeout_s=120.0):
+            _open_experiment(experiment_name, artifact_root, warn=db_path is not None)
+    except (MlflowException, LockTimeoutError) as exc:
         raise TrackingUnavailableError(
             f"Cannot open the MLflow tracking store {uri!r}: {exc}. Fix: check the URI and that "
             "the store is writable, or leave it unset to use <repo>/mlflow.db."
         ) from exc
     return uri
+
+
+def _open_experiment(experiment_name: str, artifact_root: str, warn: bool) -> None:
+    """Create the experiment with our artifact root, or reuse (and restore) it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        try:
+            client.create_experiment(experiment_name, artifact_location=artifact_root)
+        except MlflowException as exc:
+            # Two processes creating the experiment at once: the loser reuses the winner's.
+            if "already exists" not in str(exc).lower():
+                raise
+    else:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        if experiment.artifact_location != artifact_root and warn:
+            # An experiment's artifact location is fixed at creation; say where runs go.
+            _log.warning(
+                "MLflow experiment %r keeps its artifact location %s (not %s)",
+                experiment_name,
+                experiment.artifact_location,
+                artifact_root,
+            )
+    mlflow.set_experiment(experiment_name)
 
 
 # --------------------------------------------------------------------------------------------

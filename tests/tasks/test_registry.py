@@ -403,6 +403,10 @@ def test_enclosing_transaction_rollback_undoes_the_promotion(
         raise RuntimeError("a later step of the same task failed")
     assert alias(name, CHAMPION) == "1" and alias(name, CHALLENGER) == "1"
     assert [h.version for h in champion_history(name)] == ["1"]
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_model_version(name, "2").tags
+    assert tags["cubeline.decision"] == "rolled_back"
 
 
 def _child_script(

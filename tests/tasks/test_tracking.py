@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,44 @@ def test_silent_server_fails_within_the_timeout(tmp_path: Path) -> None:
         with pytest.raises(TrackingUnavailableError, match="did not answer"):
             configure_mlflow(uri, tmp_path)
         assert time.monotonic() - start < 4.0
+
+
+@pytest.mark.slow
+def test_two_processes_opening_a_fresh_store_at_once(tmp_path: Path) -> None:
+    # Unserialized, MLflow's schema migration races ("duplicate column name") on a fresh DB.
+    repo = Path(__file__).resolve().parents[2]
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tasks.tracking import configure_mlflow\n"
+        "import mlflow\n"
+        "root = Path(sys.argv[1])\n"
+        "(root / f'ready-{sys.argv[2]}').touch()\n"
+        "while not (root / 'go').exists():\n"
+        "    time.sleep(0.01)\n"
+        "configure_mlflow(None, root)\n"
+        "with mlflow.start_run():\n"
+        "    mlflow.log_param('who', sys.argv[2])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), str(i)],
+            cwd=repo,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
