@@ -61,10 +61,11 @@ def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 
 def single(args: argparse.Namespace) -> dict[str, object]:
-    dev = "cuda"
+    dev = args.device
     cubes = make_cubes_torch(args.n_cubes, 256, 61, seed=0, device=dev)
     pixels = cubes.shape[0] * 256 * 256
-    out: dict[str, object] = {"device_name": torch.cuda.get_device_name(0),
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    out: dict[str, object] = {"device_name": name,
                               "pixels": pixels, "n_cubes": args.n_cubes}
     for chunk in (1 << 16, 1 << 18, 1 << 20, 1 << 22):
         p = chain(61).to(dev)
@@ -78,7 +79,7 @@ def single(args: argparse.Namespace) -> dict[str, object]:
     out["xtx_f64_gpix_s"] = round(pixels / t / 1e9, 3)
     del x
     # end to end: cubes in pinned host memory, copied per batch
-    host = cubes.cpu().pin_memory()
+    host = cubes.cpu().pin_memory() if dev == "cuda" else cubes.cpu()
     p = chain(61).to(dev)
     trainer = StatisticalTrainer(pipeline=p, datamodule=TensorBatches(host, 16))
     t = timed(trainer.fit)
@@ -133,6 +134,7 @@ def distributed(args: argparse.Namespace) -> dict[str, object] | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-cubes", type=int, default=64)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         res = distributed(args)

@@ -247,23 +247,32 @@ class MomentAccumulator:
     def _torch_sums(
         self, x: Tensor, shift: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Column sums, Gram matrix and min/max of ``x - shift`` in float64 chunks (CUDA)."""
+        """Column sums, Gram matrix and min/max of ``x - shift`` in float64 chunks (CUDA).
+
+        As on the CPU, the shifted float64 chunk sits next to a column of ones, so one GEMM
+        (accumulated in place) gives the Gram matrix and the column sums; the shift and the
+        conversion are one kernel writing straight into the reused buffer.
+        """
         c = self.num_channels
-        chunk = self.chunk or (1 << 20)
-        ysum = torch.zeros(c, dtype=_F64, device=x.device)
-        gram = torch.zeros(c, c, dtype=_F64, device=x.device)
+        chunk = min(self.chunk or (1 << 20), x.shape[0])
+        buf = self._buf
+        if buf is None or buf.shape[0] < chunk or buf.device != x.device:
+            buf = torch.empty(chunk, c + 1, dtype=_F64, device=x.device)
+            buf[:, c] = 1.0
+            self._buf = buf
+        acc = torch.zeros(c + 1, c + 1, dtype=_F64, device=x.device)
         lo = hi = None
         for start in range(0, x.shape[0], chunk):
             xc = x[start : start + chunk]
-            y = xc.to(_F64) - shift
-            ysum += y.sum(dim=0)
-            gram.addmm_(y.T, y)
+            b = buf[: xc.shape[0]]
+            torch.sub(xc, shift, out=b[:, :c])
+            acc.addmm_(b.T, b)
             if self.track_minmax:
                 clo, chi = torch.aminmax(xc, dim=0)
                 lo = clo if lo is None else torch.minimum(lo, clo)
                 hi = chi if hi is None else torch.maximum(hi, chi)
-        return (ysum, gram, None if lo is None else lo.to(_F64),
-                None if hi is None else hi.to(_F64))
+        return (acc[c, :c].clone(), acc[:c, :c].clone(),
+                None if lo is None else lo.to(_F64), None if hi is None else hi.to(_F64))
 
     def _cpu_sums(
         self, x: Tensor, shift: Tensor
