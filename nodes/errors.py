@@ -11,12 +11,12 @@ class CubelineError(Exception):
     """Base class of every error raised on purpose by cubeline."""
 
 
-class PortConnectionError(CubelineError):
-    """Two ports cannot be connected (unknown port, dtype or dimension mismatch)."""
-
-
 class PipelineError(CubelineError):
     """The graph itself is invalid (cycle, duplicate name, unknown node, missing input)."""
+
+
+class PortConnectionError(PipelineError):
+    """Two ports cannot be connected (unknown port, dtype or dimension mismatch, a cycle)."""
 
 
 class NotInitializedError(CubelineError):

@@ -71,6 +71,33 @@ def _check_pair(out: PortRef, inp: PortRef) -> None:
             )
 
 
+def _check_acyclic(edges: Sequence[Edge], pipeline_name: str) -> None:
+    """Raise PortConnectionError if ``edges`` close a cycle (checked before any edge is added)."""
+    succ: dict[str, set[str]] = {}
+    for e in edges:
+        succ.setdefault(e.src, set()).add(e.dst)
+        succ.setdefault(e.dst, set())
+    indeg = dict.fromkeys(succ, 0)
+    for targets in succ.values():
+        for t in targets:
+            indeg[t] += 1
+    ready = [n for n, d in indeg.items() if d == 0]
+    seen = 0
+    while ready:
+        n = ready.pop()
+        seen += 1
+        for t in succ[n]:
+            indeg[t] -= 1
+            if indeg[t] == 0:
+                ready.append(t)
+    if seen != len(succ):
+        cyclic = sorted(n for n, d in indeg.items() if d > 0)
+        raise PortConnectionError(
+            f"cannot connect: the connections would close a cycle through nodes {cyclic} of "
+            f"pipeline {pipeline_name!r}; a pipeline must be acyclic"
+        )
+
+
 class Pipeline(nn.Module):
     """A directed acyclic graph of :class:`~nodes.base.Node` s joined port to port.
 
@@ -125,6 +152,7 @@ class Pipeline(nn.Module):
                     f"already fed by {taken[key].src}.{taken[key].src_port}"
                 )
             taken[key] = Edge(out.node.name, out.name, inp.node.name, inp.name)
+        _check_acyclic([*self.edges, *taken.values()], self.name)
         for out, inp in resolved:
             self.add_node(out.node)
             self.add_node(inp.node)

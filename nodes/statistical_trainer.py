@@ -124,6 +124,7 @@ class StatisticalTrainer:
         seed: Seed of the pixel subsampling.
         device: Where to compute; defaults to the pipeline's device.
         refit: Also refit nodes that are already initialized.
+        chunk_pixels: Pixels per float64 GEMM of the accumulators (default: by device).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class StatisticalTrainer:
         seed: int = 0,
         device: str | torch.device | None = None,
         refit: bool = True,
+        chunk_pixels: int | None = None,
     ) -> None:
         if sample_fraction is not None and not 0.0 < sample_fraction <= 1.0:
             raise CubelineError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
@@ -145,6 +147,7 @@ class StatisticalTrainer:
         self.sample_fraction = sample_fraction
         self.seed = seed
         self.refit = refit
+        self.chunk_pixels = chunk_pixels
         if device is None:
             tensors = [*pipeline.parameters(), *pipeline.buffers()]
             device = tensors[0].device if tensors else torch.device("cpu")
@@ -216,10 +219,21 @@ class StatisticalTrainer:
         while pending:
             pending_names = {n.name for n in pending}
             plans = {n.name: self._root_of(n) for n in pending}
-            ready = [
-                n for n in pending
+            # A node is ready when everything upstream of its root is fitted and every affine
+            # node between root and node is fitted already or ready in this same pass.
+            ready_names = {
+                n.name for n in pending
                 if not (p.ancestors([plans[n.name][0].split(".", 1)[0]]) & pending_names)
-            ]
+            }
+            changed = True
+            while changed:
+                blocked = {
+                    name for name in ready_names
+                    if any(c in pending_names and c not in ready_names for c in plans[name][1])
+                }
+                changed = bool(blocked)
+                ready_names -= blocked
+            ready = [n for n in pending if n.name in ready_names]
             if not ready:  # cannot happen in a DAG; guard against an endless loop
                 raise PipelineError(f"cannot order the statistical nodes {sorted(pending_names)}")
             roots = sorted({plans[n.name][0] for n in ready})
@@ -234,7 +248,9 @@ class StatisticalTrainer:
                         if keep is not None:
                             x = x[keep]
                         if root not in accs:
-                            accs[root] = MomentAccumulator(x.shape[1], device=x.device)
+                            accs[root] = MomentAccumulator(
+                                x.shape[1], device=x.device, chunk=self.chunk_pixels
+                            )
                         accs[root].update(x)
             report.passes += 1
             for root in roots:
