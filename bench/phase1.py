@@ -1,0 +1,497 @@
+"""Phase-1 benchmark: throughput, data passes, RX scoring speed, peak memory vs data size.
+
+Measures, for MinMaxNormalizer → SoftChannelSelector → RXGlobal:
+
+- Phase 1 on >= 16 seeded synthetic cubes (256 x 256, C = 61) and on the bundled session
+  (5 Los Angeles scenes, 100 x 100, C = 205): Mpix/s and data passes of
+  (a) our :class:`~nodes.StatisticalTrainer` (from batches in memory, and end to end through
+      :class:`~nodes.data.CubeDataModule` with its DataLoader),
+  (b) the reference guide's per-sample Welford (1962) loop, one outer-product update per pixel
+      (timed on a subsample and extrapolated),
+  (c) one float64 ``X.T @ X`` over the same pixels, already float64 and in memory: the GEMM
+      bound of any exact covariance.
+- RX scoring throughput at C = 61 and C = 205.
+- Peak RSS of Phase 1 in a subprocess on N and 10 N cubes that are never all in memory (generated
+  per batch, and read from ``.npz`` files with ``CubeDataModule(cache_bytes=0)``).
+
+Timings are best of ``--repeats`` with torch's default thread count. Prints figures, then one JSON
+object on the last line.
+
+Usage::
+
+    .venv/bin/python bench/phase1.py            # full run (a few minutes on 2 cores)
+    .venv/bin/python bench/phase1.py --quick    # smaller, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nodes import (  # noqa: E402
+    AnomalyDataNode,
+    MinMaxNormalizer,
+    Pipeline,
+    RXGlobal,
+    SoftChannelSelector,
+    StatisticalTrainer,
+)
+from nodes.stats import MomentState  # noqa: E402
+
+SESSION = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
+
+
+# ------------------------------------------------------------------------------------ data
+def make_cube(seed: int, size: int, channels: int, rank: int = 8,
+              scene_seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded (size, size, C) float32 cube with correlated bands and planted targets.
+
+    Background: ``rank`` smooth spectra (shared by every cube of ``scene_seed``) mixed with
+    uniform abundances, plus noise, so adjacent bands are strongly correlated. Targets: a few
+    squares of a foreign spectrum; the mask marks them.
+    """
+    scene = torch.Generator().manual_seed(scene_seed)
+    t = torch.linspace(0.0, 1.0, channels)
+    centres = torch.rand(rank, generator=scene)
+    widths = 0.1 + 0.3 * torch.rand(rank, generator=scene)
+    endmembers = torch.exp(-((t[None, :] - centres[:, None]) ** 2) / widths[:, None] ** 2)
+    target = 0.3 * torch.sin(9.0 * t) + 0.2
+    g = torch.Generator().manual_seed(seed)
+    abund = torch.rand(size * size, rank, generator=g) * 2.0
+    cube = abund @ endmembers + 0.02 * torch.randn(size * size, channels, generator=g) + 1.0
+    cube = cube.reshape(size, size, channels)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for _ in range(4):
+        r, c = (int(v) for v in torch.randint(0, size - 4, (2,), generator=g))
+        cube[r : r + 4, c : c + 4] += target
+        mask[r : r + 4, c : c + 4] = True
+    return cube.float().contiguous(), mask
+
+
+class InMemoryBatches:
+    """Batches (views, no copy) over cubes already in memory; counts the batches it yields."""
+
+    def __init__(self, cubes: torch.Tensor, masks: torch.Tensor, batch_size: int) -> None:
+        self.cubes, self.masks, self.batch_size = cubes, masks, batch_size
+        self.yielded = 0
+
+    def setup(self, stage: str) -> None:
+        """Nothing to prepare."""
+
+    def train_dataloader(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, self.cubes.shape[0], self.batch_size):
+            self.yielded += 1
+            yield {"cube": self.cubes[i : i + self.batch_size],
+                   "mask": self.masks[i : i + self.batch_size]}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.cubes.shape[0] // self.batch_size)
+
+
+class GeneratedBatches:
+    """Cubes generated batch by batch from their seeds: never more than one batch in memory."""
+
+    def __init__(self, n: int, size: int, channels: int, batch_size: int) -> None:
+        self.n, self.size, self.channels, self.batch_size = n, size, channels, batch_size
+        self.yielded = 0
+
+    def setup(self, stage: str) -> None:
+        """Nothing to prepare."""
+
+    def train_dataloader(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, self.n, self.batch_size):
+            pairs = [make_cube(s, self.size, self.channels)
+                     for s in range(i, min(i + self.batch_size, self.n))]
+            self.yielded += 1
+            yield {"cube": torch.stack([p[0] for p in pairs]),
+                   "mask": torch.stack([p[1] for p in pairs])}
+
+
+def chain(channels: int, n_select: int = 10) -> Pipeline:
+    """data → MinMaxNormalizer → SoftChannelSelector → RXGlobal."""
+    p = Pipeline("phase1")
+    data = AnomalyDataNode(name="data")
+    norm = MinMaxNormalizer(eps=1e-6, use_running_stats=True, name="normalizer")
+    sel = SoftChannelSelector(n_select=n_select, input_channels=channels, init_method="variance",
+                              name="selector")
+    rx = RXGlobal(num_channels=n_select, eps=1e-6, name="rx")
+    p.connect((data.cube, norm.data), (norm.normalized, sel.data), (sel.selected, rx.data))
+    return p
+
+
+# ------------------------------------------------------------------------------- timing
+def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Best wall time of ``repeats`` calls, and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def welford_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guide's loop: per-pixel Welford update of mean and M2 (one outer product each)."""
+    c = x.shape[1]
+    mean = torch.zeros(c, dtype=torch.float64)
+    m2 = torch.zeros(c, c, dtype=torch.float64)
+    for n, sample in enumerate(x.double(), start=1):
+        delta = sample - mean
+        mean += delta / n
+        delta2 = sample - mean
+        m2 += torch.outer(delta, delta2)
+    return mean, m2
+
+
+def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batch_size: int,
+                   repeats: int, welford_pixels: int, datamodule: Any | None = None,
+                   ) -> dict[str, Any]:
+    """(a) ours, (b) per-sample Welford, (c) float64 X^T X on the pixels of ``cubes``."""
+    c = int(cubes.shape[-1])
+    pixels = int(cubes.shape[:3].numel())
+
+    # (a) ours from batches already in memory, (a') ours end to end through CubeDataModule
+    # (DataLoader collation included), (c) one float64 X^T X over the same pixels, already
+    # float64 and in memory. The three are interleaved in each round so that load from other
+    # processes on a shared machine hits them alike; each keeps its best round.
+    mem = InMemoryBatches(cubes, masks, batch_size)
+    x64 = cubes.reshape(-1, c).double().contiguous()
+    counter = {"n": 0}
+    inner = datamodule.train_dataloader if datamodule is not None else None
+
+    def counting_loader() -> Iterator[Any]:
+        assert inner is not None
+        for b in inner():
+            counter["n"] += 1
+            yield b
+
+    if datamodule is not None:
+        datamodule.setup("fit")  # validation of the frames happens once, before Phase 1
+        datamodule.train_dataloader = counting_loader
+    t_ours = t_dm = t_xtx = float("inf")
+    report = None
+    pipe_mem, pipe_dm = chain(c), chain(c)  # built once: fit() refits every statistical node
+    for _ in range(repeats):
+        t, report = best_of(StatisticalTrainer(pipeline=pipe_mem, datamodule=mem).fit, 1)
+        t_ours = min(t_ours, t)
+        if datamodule is not None:
+            t, _ = best_of(StatisticalTrainer(pipeline=pipe_dm, datamodule=datamodule).fit, 1)
+            t_dm = min(t_dm, t)
+        t, _ = best_of(lambda: x64.T @ x64, 1)
+        t_xtx = min(t_xtx, t)
+    assert report is not None
+    passes_counted = mem.yielded / (repeats * mem.batches_per_epoch)
+    dm_passes = None
+    if datamodule is not None and inner is not None:
+        dm_passes = counter["n"] / (repeats * len(inner()))
+        datamodule.train_dataloader = inner
+    t_dm_or_none = t_dm if datamodule is not None else None
+
+    # (b) the guide's per-sample Welford loop, on a subsample, extrapolated
+    sub = x64[torch.randperm(pixels, generator=torch.Generator().manual_seed(0))[:welford_pixels]]
+    t_w, (_, w_m2) = best_of(lambda: welford_reference(sub), 1)
+    ref = MomentState.from_samples(sub)
+    welford_err = float(torch.linalg.norm(w_m2 - ref.m2) / torch.linalg.norm(ref.m2))
+
+    out = {
+        "label": label,
+        "cubes": int(cubes.shape[0]),
+        "shape": [int(v) for v in cubes.shape[1:]],
+        "pixels": pixels,
+        "batch_size": batch_size,
+        "ours_s": t_ours,
+        "ours_mpix_s": pixels / t_ours / 1e6,
+        "ours_passes": report.passes,
+        "ours_passes_counted": passes_counted,
+        "ours_dm_s": t_dm_or_none,
+        "ours_dm_mpix_s": pixels / t_dm / 1e6 if t_dm_or_none else None,
+        "ours_dm_passes_counted": dm_passes,
+        "welford_pixels_timed": welford_pixels,
+        "welford_mpix_s": welford_pixels / t_w / 1e6,
+        "welford_s_extrapolated": t_w * pixels / welford_pixels,
+        "welford_passes": 1,
+        "welford_vs_chan_m2_relerr": welford_err,
+        "xtx_s": t_xtx,
+        "xtx_mpix_s": pixels / t_xtx / 1e6,
+    }
+    out["speedup_vs_welford"] = out["ours_mpix_s"] / out["welford_mpix_s"]
+    out["time_ours_over_xtx"] = t_ours / t_xtx
+    if t_dm_or_none:
+        out["speedup_dm_vs_welford"] = out["ours_dm_mpix_s"] / out["welford_mpix_s"]
+        out["time_dm_over_xtx"] = t_dm / t_xtx
+    return out
+
+
+def rx_throughput(channels: int, pixels: int, repeats: int) -> dict[str, float]:
+    """Mpix/s of RXGlobal.forward on float32 pixels (fitted on the same data)."""
+    side = round(pixels**0.5)
+    cube, _ = make_cube(99, side, channels)
+    rx = RXGlobal(num_channels=channels, eps=1e-6)
+    rx.fit_from_moments(MomentState.from_samples(cube.reshape(-1, channels)))
+    batch = cube[None]
+    with torch.no_grad():
+        t, _ = best_of(lambda: rx(data=batch), repeats)
+    return {"channels": channels, "pixels": side * side, "s": t,
+            "mpix_s": side * side / t / 1e6}
+
+
+# ------------------------------------------------------------------------------ memory
+def child_peak_rss(mode: str, n: int, size: int, channels: int, batch_size: int,
+                   workdir: str) -> dict[str, Any]:
+    """Run Phase 1 in a fresh interpreter; returns its peak RSS (bytes) and fit report."""
+    cmd = [sys.executable, __file__, "--child", mode, "--child-n", str(n), "--size", str(size),
+           "--channels", str(channels), "--batch-size", str(batch_size), "--workdir", workdir]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"child {mode} n={n} failed:\n{res.stderr[-3000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def write_npz(n: int, size: int, channels: int, directory: Path) -> list[Path]:
+    """``n`` generated frames as Cubert-style .npz exports (cube, wavelengths, mask)."""
+    paths = []
+    wl = np.arange(400, 400 + 5 * channels, 5, dtype=np.int64)[:channels]
+    for i in range(n):
+        p = directory / f"frame_{i:04d}.npz"
+        if not p.exists():
+            cube, mask = make_cube(i, size, channels)
+            np.savez(p, cube=cube.numpy(), wavelengths=wl, mask=mask.numpy().astype(np.int64))
+        paths.append(p)
+    return paths
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Phase 1 on ``--child-n`` cubes that are never all in memory; print peak RSS as JSON."""
+    n = args.child_n
+    if args.child == "generated":
+        dm: Any = GeneratedBatches(n, args.size, args.channels, args.batch_size)
+    else:
+        from nodes.data import CubeDataModule
+
+        paths = write_npz(n, args.size, args.channels, Path(args.workdir))
+        dm = CubeDataModule(paths, train_ids=list(range(n)), val_ids=[0], test_ids=[0],
+                            batch_size=args.batch_size, cache_bytes=0)
+    before = vm_hwm()
+    t0 = time.perf_counter()
+    report = StatisticalTrainer(pipeline=chain(args.channels), datamodule=dm).fit()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({
+        "mode": args.child, "cubes": n, "pixels": report.pixels, "passes": report.passes,
+        "peak_rss_bytes": vm_hwm(),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_before_fit_bytes": before, "fit_s": seconds,
+        "cube_bytes": args.size * args.size * args.channels * 4,
+    }))
+
+
+def vm_hwm() -> int:
+    """Peak resident set of this process's own address space (bytes), from /proc.
+
+    ``ru_maxrss`` of a child also counts its parent's peak RSS at fork/exec time (Linux carries
+    the old address space's high-water mark over ``execve``), so a child started by a process
+    holding the benchmark's cubes would report the parent's peak; ``VmHWM`` does not.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -------------------------------------------------------------------------------- main
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    git: dict[str, Any] = {}
+    try:
+        git["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                       capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "nodes"], cwd=REPO,
+                               capture_output=True, text=True).stdout.split("\n")
+        git["nodes_uncommitted"] = sorted(line[3:] for line in dirty if line.strip())
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg(), "git": git}
+
+
+def load_session() -> tuple[torch.Tensor, torch.Tensor, list[Path]] | None:
+    import scipy.io
+
+    paths = []
+    for name in SESSION:
+        for base in (REPO / "data" / "session", REPO.parent / "shared" / "data" / "abu"):
+            p = base / f"abu-{name}.mat"
+            if p.is_file():
+                paths.append(p)
+                break
+    if len(paths) != len(SESSION):
+        return None
+    mats = [scipy.io.loadmat(p) for p in paths]
+    cubes = torch.stack([torch.from_numpy(m["data"].astype(np.float32)) for m in mats])
+    masks = torch.stack([torch.from_numpy(m["map"] != 0) for m in mats])
+    return cubes, masks, paths
+
+
+def fmt_phase1(r: dict[str, Any]) -> str:
+    lines = [
+        f"  {r['label']}: {r['cubes']} cubes {r['shape']}, {r['pixels'] / 1e6:.3f} Mpix, "
+        f"batch {r['batch_size']}",
+        f"    (a) ours, in-memory batches : {r['ours_s'] * 1e3:9.1f} ms  "
+        f"{r['ours_mpix_s']:8.3f} Mpix/s  passes {r['ours_passes']} "
+        f"(counted {r['ours_passes_counted']:.2f})",
+    ]
+    if r["ours_dm_s"]:
+        lines.append(
+            f"    (a) ours, CubeDataModule    : {r['ours_dm_s'] * 1e3:9.1f} ms  "
+            f"{r['ours_dm_mpix_s']:8.3f} Mpix/s  passes counted "
+            f"{r['ours_dm_passes_counted']:.2f}")
+    lines += [
+        f"    (b) per-sample Welford loop : {r['welford_s_extrapolated'] * 1e3:9.1f} ms  "
+        f"{r['welford_mpix_s']:8.4f} Mpix/s  (timed on {r['welford_pixels_timed']} px, "
+        "extrapolated; 1 pass)",
+        f"    (c) float64 X^T X           : {r['xtx_s'] * 1e3:9.1f} ms  "
+        f"{r['xtx_mpix_s']:8.3f} Mpix/s",
+        f"    ours / Welford = {r['speedup_vs_welford']:.0f}x (target >= 50x);  "
+        f"time(ours) / time(X^T X) = {r['time_ours_over_xtx']:.2f} (target <= 1.5)",
+    ]
+    if r["ours_dm_s"]:
+        lines.append(
+            f"    end to end: ours / Welford = {r['speedup_dm_vs_welford']:.0f}x;  "
+            f"time / time(X^T X) = {r['time_dm_over_xtx']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cubes", type=int, default=16)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--channels", type=int, default=61)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--welford-pixels", type=int, default=20_000)
+    ap.add_argument("--mem-n", type=int, default=4, help="N of the N vs 10 N memory runs")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-npz", action="store_true", help="memory run on generated cubes only")
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
+    ap.add_argument("--child", choices=["generated", "npz"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if args.quick:
+        args.cubes, args.size, args.welford_pixels, args.mem_n = 4, 64, 2000, 2
+
+    result: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    print(f"machine: {result['machine']}")
+
+    # ---- peak memory vs data size (first, while this process is still small)
+    result["peak_memory"] = None
+    if not args.skip_memory:
+        print(f"Peak RSS of Phase 1 in a subprocess, N = {args.mem_n} vs {10 * args.mem_n} cubes "
+              f"of {args.size}x{args.size}x{args.channels} (never all in memory)")
+        mem: dict[str, Any] = {}
+        modes = ["generated"] + ([] if args.skip_npz else ["npz"])
+        with tempfile.TemporaryDirectory(prefix="cubeline-bench-") as tmp:
+            for mode in modes:
+                small = child_peak_rss(mode, args.mem_n, args.size, args.channels, 2, tmp)
+                big = child_peak_rss(mode, 10 * args.mem_n, args.size, args.channels, 2, tmp)
+                ratio = big["peak_rss_bytes"] / small["peak_rss_bytes"]
+                mem[mode] = {"small": small, "big": big, "ratio": ratio}
+                data_mib = big["cubes"] * big["cube_bytes"] / 2**20
+                print(f"  {mode:9s}: {small['cubes']:3d} cubes -> "
+                      f"{small['peak_rss_bytes'] / 2**20:7.1f} MiB, {big['cubes']:3d} cubes -> "
+                      f"{big['peak_rss_bytes'] / 2**20:7.1f} MiB peak RSS (VmHWM); ratio "
+                      f"{ratio:.3f} (target <= 1.1); ru_maxrss "
+                      f"{small['ru_maxrss_bytes'] / 2**20:.1f} / "
+                      f"{big['ru_maxrss_bytes'] / 2**20:.1f} MiB; the {big['cubes']} cubes "
+                      f"hold {data_mib:.0f} MiB")
+        result["peak_memory"] = mem
+
+    # ---- Phase 1, synthetic
+    t0 = time.perf_counter()
+    pairs = [make_cube(i, args.size, args.channels) for i in range(args.cubes)]
+    cubes = torch.stack([p[0] for p in pairs])
+    masks = torch.stack([p[1] for p in pairs])
+    del pairs
+    print(f"generated {args.cubes} cubes in {time.perf_counter() - t0:.1f} s")
+    from nodes.data import CubeDataModule
+
+    ids = list(range(args.cubes))
+    dm = CubeDataModule.from_arrays(cubes.numpy(), masks.numpy(), train_ids=ids, val_ids=[0],
+                                    test_ids=[0], batch_size=args.batch_size)
+    print("Phase 1 (normalizer -> selector -> RX), best of", args.repeats)
+    synth = phase1_figures("synthetic", cubes, masks, batch_size=args.batch_size,
+                           repeats=args.repeats, welford_pixels=args.welford_pixels,
+                           datamodule=dm)
+    print(fmt_phase1(synth))
+    result["phase1_synthetic"] = synth
+    del cubes, masks, dm
+
+    # ---- Phase 1, bundled session
+    session = load_session()
+    if session is None:
+        print("  bundled session not found (run `dvc pull`); skipped")
+        result["phase1_session"] = None
+    else:
+        s_cubes, s_masks, s_paths = session
+        s_dm = CubeDataModule(s_paths, train_ids=list(range(5)), val_ids=[0], test_ids=[0],
+                              batch_size=5)
+        sess = phase1_figures("bundled session", s_cubes, s_masks, batch_size=5,
+                              repeats=args.repeats,
+                              welford_pixels=min(args.welford_pixels, 10_000), datamodule=s_dm)
+        print(fmt_phase1(sess))
+        result["phase1_session"] = sess
+
+    # ---- RX scoring
+    px = 64 * 64 if args.quick else 512 * 512
+    rx_figs = [rx_throughput(c, px, args.repeats) for c in (61, 205)]
+    print("RX scoring (RXGlobal.forward, float32 in, float64 inside), best of", args.repeats)
+    for f in rx_figs:
+        print(f"  C = {f['channels']:3d}: {f['pixels']} px in {f['s'] * 1e3:.1f} ms = "
+              f"{f['mpix_s']:.2f} Mpix/s")
+    result["rx_scoring"] = rx_figs
+
+    summary = {
+        "synthetic_speedup_vs_welford": synth["speedup_vs_welford"],
+        "synthetic_time_over_xtx": synth["time_ours_over_xtx"],
+        "synthetic_dm_time_over_xtx": synth.get("time_dm_over_xtx"),
+        "synthetic_passes": synth["ours_passes"],
+        "session_speedup_vs_welford": (result["phase1_session"] or {}).get("speedup_vs_welford"),
+        "session_time_over_xtx": (result["phase1_session"] or {}).get("time_ours_over_xtx"),
+        "rx_mpix_s": {str(f["channels"]): f["mpix_s"] for f in rx_figs},
+        "peak_rss_ratio": {k: v["ratio"] for k, v in (result.get("peak_memory") or {}).items()},
+    }
+    result["summary"] = summary
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
