@@ -11,7 +11,7 @@ one pass; a node behind a non-affine one (e.g. a logit head behind RX) needs one
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,93 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     }
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """How a Phase-1 pass selects pixels (picklable, sent to shard workers).
+
+    Attributes:
+        normal_only: Drop pixels the data node's mask marks as anomalous.
+        sample_fraction: Keep this random fraction of pixels (None: all).
+        seed: Seed of the subsampling; the draw for a frame depends only on (seed, frame id),
+            so a sharded pass keeps exactly the pixels a single-process pass keeps.
+        chunk_pixels: Pixels per float64 GEMM of the accumulators.
+    """
+
+    normal_only: bool = False
+    sample_fraction: float | None = None
+    seed: int = 0
+    chunk_pixels: int | None = None
+
+
+#: ``runner(pipeline, roots, options) -> {root: globally merged MomentState}``: runs one pass
+#: elsewhere (e.g. sharded over Dask workers, see :mod:`nodes.sharding`).
+ShardRunner = Callable[[Pipeline, list[str], PassOptions], dict[str, MomentState]]
+
+
+def _mask_key(pipeline: Pipeline) -> str | None:
+    for n in pipeline.node_list():
+        if isinstance(n, AnomalyDataNode):
+            return f"{n.name}.mask"
+    return None
+
+
+def _pixel_selection(batch: Mapping[str, Any], out: Mapping[str, Tensor], mask_key: str | None,
+                     options: PassOptions, gen: torch.Generator) -> Tensor | None:
+    keep: Tensor | None = None
+    if options.normal_only:
+        if mask_key is None or mask_key not in out:
+            raise PipelineError(
+                "normal_only=True needs an AnomalyDataNode whose mask marks the anomalies"
+            )
+        keep = ~out[mask_key].reshape(-1)
+    frac = options.sample_fraction
+    if frac is not None and frac < 1.0:
+        cube = batch["cube"]
+        b, per_frame = cube.shape[0], cube.shape[1] * cube.shape[2]
+        ids = batch.get("frame_id")
+        draws = []
+        for i in range(b):
+            if ids is not None:  # per-frame seed: the same pixels whatever the sharding
+                g = torch.Generator().manual_seed(options.seed * 1_000_003 + int(ids[i]))
+            else:
+                g = gen
+            draws.append(torch.rand(per_frame, generator=g) < frac)
+        pick = torch.cat(draws).to(cube.device)
+        keep = pick if keep is None else keep & pick
+    return keep
+
+
+def accumulate_pass(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]], roots: list[str],
+                    options: PassOptions, device: torch.device | str = "cpu"
+                    ) -> dict[str, MomentState]:
+    """Fold ``batches`` into float64 moments at each root port (one pass, this process only).
+
+    The building block of Phase 1, also run by shard workers on their share of the frames.
+    """
+    mask_key = _mask_key(pipeline)
+    wanted = list(roots) + ([mask_key] if options.normal_only and mask_key else [])
+    gen = torch.Generator().manual_seed(options.seed)
+    accs: dict[str, MomentAccumulator] = {}
+    with torch.no_grad():
+        for batch in batches:
+            out = pipeline.forward(batch, stage="train", outputs=wanted)
+            keep = _pixel_selection(batch, out, mask_key, options, gen)
+            for root in roots:
+                x = _as_samples(out[root])
+                if keep is not None:
+                    x = x[keep]
+                if root not in accs:
+                    accs[root] = MomentAccumulator(x.shape[1], device=x.device,
+                                                   chunk=options.chunk_pixels)
+                accs[root].update(x)
+    return {
+        root: accs[root].finalize() if root in accs
+        # no batch here (e.g. a DDP rank or shard with no frames): the empty state merges away
+        else MomentState.empty(_width_of(pipeline, root), device=device)
+        for root in roots
+    }
+
+
 class StatisticalTrainer:
     """Fit the statistical nodes of a pipeline on a datamodule's training split.
 
@@ -125,6 +212,8 @@ class StatisticalTrainer:
         device: Where to compute; defaults to the pipeline's device.
         refit: Also refit nodes that are already initialized.
         chunk_pixels: Pixels per float64 GEMM of the accumulators (default: by device).
+        shard_runner: Run each pass elsewhere (e.g. sharded on Dask, :mod:`nodes.sharding`);
+            default: in this process (DDP ranks each take every world-th batch and merge).
     """
 
     def __init__(
@@ -138,6 +227,7 @@ class StatisticalTrainer:
         device: str | torch.device | None = None,
         refit: bool = True,
         chunk_pixels: int | None = None,
+        shard_runner: ShardRunner | None = None,
     ) -> None:
         if sample_fraction is not None and not 0.0 < sample_fraction <= 1.0:
             raise CubelineError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
@@ -148,6 +238,7 @@ class StatisticalTrainer:
         self.seed = seed
         self.refit = refit
         self.chunk_pixels = chunk_pixels
+        self.shard_runner = shard_runner
         if device is None:
             tensors = [*pipeline.parameters(), *pipeline.buffers()]
             device = tensors[0].device if tensors else torch.device("cpu")
@@ -179,12 +270,6 @@ class StatisticalTrainer:
             chain.insert(0, src.name)
             current = src
 
-    def _data_node(self) -> Node | None:
-        for n in self.pipeline.node_list():
-            if isinstance(n, AnomalyDataNode):
-                return n
-        return None
-
     # --------------------------------------------------------------- running
     def _batches(self, split: str, *, shard: bool = False) -> Iterator[dict[str, Any]]:
         dm = self.datamodule
@@ -213,9 +298,6 @@ class StatisticalTrainer:
             if n.requires_initial_fit and (self.refit or not n.is_initialized)
         ]
         report = FitReport()
-        data_node = self._data_node()
-        mask_key = f"{data_node.name}.mask" if data_node is not None else None
-        gen = torch.Generator().manual_seed(self.seed)
         while pending:
             pending_names = {n.name for n in pending}
             plans = {n.name: self._root_of(n) for n in pending}
@@ -237,30 +319,12 @@ class StatisticalTrainer:
             if not ready:  # cannot happen in a DAG; guard against an endless loop
                 raise PipelineError(f"cannot order the statistical nodes {sorted(pending_names)}")
             roots = sorted({plans[n.name][0] for n in ready})
-            accs: dict[str, MomentAccumulator] = {}
-            wanted = list(roots) + ([mask_key] if self.normal_only and mask_key else [])
-            with torch.no_grad():
-                for batch in self._batches("train", shard=True):
-                    out = p.forward(batch, stage="train", outputs=wanted)
-                    keep = self._pixel_selection(out, mask_key, gen)
-                    for root in roots:
-                        x = _as_samples(out[root])
-                        if keep is not None:
-                            x = x[keep]
-                        if root not in accs:
-                            accs[root] = MomentAccumulator(
-                                x.shape[1], device=x.device, chunk=self.chunk_pixels
-                            )
-                        accs[root].update(x)
+            moments = self._run_pass(roots)
             report.passes += 1
-            for root in roots:
-                if root not in accs:  # a rank with no batch of its own still joins the merge
-                    accs[root] = MomentAccumulator(_width_of(p, root), device=self.device)
-                accs[root].state = all_merge(accs[root].finalize())
             if report.passes == 1:
-                report.pixels = accs[roots[0]].finalize().count
+                report.pixels = moments[roots[0]].count
             for root in roots:
-                state = accs[root].finalize()
+                state = moments[root]
                 if state.count < 2:
                     raise DataValidationError(
                         f"only {state.count} training pixels reached {root}; Phase 1 needs more "
@@ -270,7 +334,7 @@ class StatisticalTrainer:
             with torch.no_grad():
                 for node in sorted(ready, key=lambda n: order.index(n.name)):
                     root, chain = plans[node.name]
-                    m = accs[root].finalize()
+                    m = moments[root].to(self.device)
                     for cname in chain:
                         amap = p.nodes[cname].affine_map()  # type: ignore[operator]
                         if amap is None:
@@ -285,20 +349,20 @@ class StatisticalTrainer:
         self.report = report
         return report
 
-    def _pixel_selection(self, out: Mapping[str, Tensor], mask_key: str | None,
-                         gen: torch.Generator) -> Tensor | None:
-        keep: Tensor | None = None
-        if self.normal_only:
-            if mask_key is None or mask_key not in out:
-                raise PipelineError(
-                    "normal_only=True needs an AnomalyDataNode whose mask marks the anomalies"
-                )
-            keep = ~out[mask_key].reshape(-1)
-        if self.sample_fraction is not None and self.sample_fraction < 1.0:
-            n = next(iter(out.values())).shape[:3].numel()
-            pick = (torch.rand(n, generator=gen) < self.sample_fraction).to(self.device)
-            keep = pick if keep is None else keep & pick
-        return keep
+    def _run_pass(self, roots: list[str]) -> dict[str, MomentState]:
+        """One pass over the training data: global moments at every root port."""
+        if self.shard_runner is not None:
+            return self.shard_runner(self.pipeline, roots, self.options)
+        moments = accumulate_pass(self.pipeline, self._batches("train", shard=True), roots,
+                                  self.options, device=self.device)
+        # DDP: every rank folded in its own batches; merge so all ranks hold the global state.
+        return {r: all_merge(m) for r, m in moments.items()}
+
+    @property
+    def options(self) -> PassOptions:
+        """The pixel-selection options of a pass (what shard workers need to know)."""
+        return PassOptions(normal_only=self.normal_only, sample_fraction=self.sample_fraction,
+                           seed=self.seed, chunk_pixels=self.chunk_pixels)
 
     def validate(self) -> dict[str, float]:
         """Run the validation split; returns ``{"<metric node>/<metric>": value}``."""
