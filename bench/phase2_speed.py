@@ -14,16 +14,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from synthetic import make_cubes
 
 from nodes import GradientTrainer, StatisticalTrainer

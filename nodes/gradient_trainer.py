@@ -246,6 +246,7 @@ class GradientTrainer:
         kwargs["callbacks"] = [*kwargs["callbacks"], _TrackLastGood(), *self.extra_callbacks]
         kwargs["logger"] = self.logger if self.logger is not None else False
         kwargs.setdefault("num_sanity_val_steps", 0)
+        kwargs.setdefault("enable_model_summary", False)
         return L.Trainer(**kwargs)
 
     def fit(self, ckpt_path: str | Path | None = None) -> dict[str, float]:
