@@ -451,8 +451,9 @@ class TrainerConfig(ConfigModel):
     """Arguments of the Lightning ``Trainer`` (see :func:`nodes.optim.build_trainer_kwargs`).
 
     Defaults differ from Lightning's where our runs need it: ``log_every_n_steps=1`` because a
-    session has a handful of frames (few batches per epoch), and no progress bar because runs are
-    orchestrated and their logs go to files.
+    session has a handful of frames (few batches per epoch). Lightning's progress bar is on, as
+    in Lightning; orchestrated runs whose logs go to files turn it off in ``params.yaml``.
+    ``strategy`` is Lightning's (``"ddp"`` with ``devices: 2`` trains on two GPUs).
     """
 
     max_epochs: PositiveInt = 100
@@ -466,7 +467,7 @@ class TrainerConfig(ConfigModel):
     accumulate_grad_batches: PositiveInt = 1
     gradient_clip_val: NonNegativeFloat | None = None
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"
-    enable_progress_bar: bool = False
+    enable_progress_bar: bool = True
     default_root_dir: str | None = None
     deterministic: bool = False
 
