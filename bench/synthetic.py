@@ -28,7 +28,8 @@ def make_cubes(n: int, size: int = 256, channels: int = 61, seed: int = 0,
             r, c = rng.integers(0, size - 6, size=2)
             k = int(rng.integers(2, 6))
             masks[i, r : r + k, c : c + k] = True
-            cube[r : r + k, c : c + k] += 0.6 * target_spec.astype(np.float32)
+            patch = cube[r : r + k, c : c + k]
+            cube[r : r + k, c : c + k] = 0.5 * patch + 2.0 * target_spec.astype(np.float32)
         cubes[i] = cube
     return cubes, masks
 
