@@ -295,19 +295,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cubeline`` console script."""
+    """Entry point of the ``cubeline`` console script.
+
+    Args:
+        argv: Arguments; None reads ``sys.argv`` and, being the real command line, ends the
+            process through :func:`_exit_fast` once the command is done.
+    """
     disable_telemetry()
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
     from nodes.errors import CubelineError
 
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
     except CubelineError as exc:
         print(f"cubeline {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
-        return 130
+        rc = 130
+    if argv is None:
+        _exit_fast(rc)
+    return rc
+
+
+def _exit_fast(rc: int) -> None:
+    """Run the exit handlers, then leave without tearing the interpreter down.
+
+    Everything that must happen at exit is an ``atexit`` handler (Prefect drains its event and
+    log workers and stops its temporary server there; logging flushes). What is skipped is the
+    interpreter's own finalization -- garbage-collecting torch, MLflow and SQLAlchemy objects --
+    measured at 1.6-5 s here after the work is done.
+    """
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

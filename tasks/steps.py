@@ -793,6 +793,8 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
             },
         )
         _log_metrics(ctx, {"pixels": info.pixel_count, "passes": info.passes}, prefix="phase1/")
+        _log_artifact(ctx, state_path, "init_state")
+        _log_artifact(ctx, state_path.with_suffix(".json"), "init_state")
     return PipelineRef(
         config_path=str(cfg),
         state_hash=state_hash,

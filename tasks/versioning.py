@@ -154,6 +154,41 @@ def data_version(root: Path, dvc_file: str = "data.dvc", paths: Sequence[Path] =
     missing = [str(p) for p in outside if not p.exists()]
     if missing:
         raise DataValidationError(f"data files {missing} do not exist; check the paths")
+    # A flow asks twice within a second (cache key, then the step): skip opening the DVC
+    # repository again when no file changed, as DVC's own state would (inode, mtime, size).
+    memo_key = (str(root.resolve()), dvc_file, tuple(str(p) for p in paths))
+    stamp = _fingerprint([root / dvc_file, out_dir, *outside])
+    hit = _VERSION_MEMO.get(memo_key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    version = _data_version(root, recorded, out, out_dir, dvc_file, paths, outside)
+    _VERSION_MEMO[memo_key] = (stamp, version)
+    return version
+
+
+_VERSION_MEMO: dict[tuple[str, str, tuple[str, ...]], tuple[tuple[Any, ...], DataVersion]] = {}
+
+
+def _fingerprint(paths: Sequence[Path]) -> tuple[Any, ...]:
+    """(path, inode, size, mtime) of every file under ``paths``."""
+    out: list[Any] = []
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _data_version(
+    root: Path,
+    recorded: str,
+    out: str,
+    out_dir: Path,
+    dvc_file: str,
+    paths: Sequence[Path],
+    outside: Sequence[Path],
+) -> DataVersion:
     with open_repo(root) as repo:
         if outside:
             parts = [[Path(p).name, _workspace_hash(repo, Path(p), inside=False)] for p in paths]

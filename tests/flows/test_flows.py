@@ -83,7 +83,7 @@ def test_retrain_end_to_end(trained: tuple[Path, object, str]) -> None:
     )
     assert run.data.metrics["phase1/pixels"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"pipeline", "evaluation"} <= artifacts
+    assert {"pipeline", "evaluation", "init_state"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert any(p.endswith(".png") for p in evaluation)
     mv = client.get_model_version_by_alias(reg.model_name, "champion")
