@@ -692,7 +692,7 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
         DataValidationError: The frames have another band count than the champion's state.
     """
     from nodes.drift import compare_moments, plot_drift_report
-    from nodes.init_state import read_init_moments
+    from nodes.init_state import read_init_info, read_init_moments
     from tasks.registry import CHAMPION, get_alias_version
     from tasks.tracking import TAG_INIT_STATE_HASH
 
@@ -715,9 +715,23 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
             f"(tag {TAG_INIT_STATE_HASH}): Phase 1 initializes from the data",
             champion_version=str(champion.version),
         )
-    reference = read_init_moments(_restore_state(ctx, state_hash))
+    state_path = _restore_state(ctx, state_hash)
+    reference = read_init_moments(state_path)
     current = _stream_moments(_dm(ctx, data), p.phase1.normal_only)
     report = compare_moments(reference, current, p.drift.thresholds())
+    # A state fitted under other pipeline/Phase-1 params does not fit this pipeline, drift or not.
+    fitted_with = read_init_info(state_path).extra
+    changed = [
+        name
+        for name in ("pipeline", "phase1")
+        if fitted_with.get(f"params_{name}") != getattr(p, name).to_dict()
+    ]
+    reason = report.reason
+    if changed:
+        reason += (
+            f"; the champion's state was fitted with other params.yaml {' and '.join(changed)} "
+            "settings: Phase 1 runs again"
+        )
     out = ctx.out / "drift"
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "drift_report.json"
@@ -742,9 +756,9 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
     _log_metrics(ctx, {c.name: c.value for c in report.criteria}, prefix="drift/")
     _log_metrics(ctx, {"drifted": float(report.drifted)}, prefix="drift/")
     return DriftResult(
-        reinitialize=report.drifted,
+        reinitialize=report.drifted or bool(changed),
         drifted=report.drifted,
-        reason=report.reason,
+        reason=reason,
         fired=report.fired,
         drifted_bands=report.drifted_bands,
         champion_version=str(champion.version),

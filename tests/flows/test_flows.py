@@ -151,6 +151,16 @@ def test_unchanged_data_and_params_skip_phase1_via_cache(
     assert s2.phase1 == "fitted"  # type: ignore[attr-defined]
 
 
+def test_changed_pipeline_params_reinitialize(trained: tuple[Path, object, str]) -> None:
+    root, first, _ = trained
+    edit_params(root, pipeline={"n_select": 8})
+    s = _retrain(root, reason="n_select changed")
+    assert not s.drift.drifted and s.drift.reinitialize  # type: ignore[attr-defined]
+    assert "other params.yaml pipeline" in s.drift.reason  # type: ignore[attr-defined]
+    assert s.phase1 == "fitted"  # type: ignore[attr-defined]
+    assert s.state_hash != first.state_hash  # type: ignore[attr-defined]
+
+
 def test_invalid_frames_stop_at_load_cubes(repo_copy: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
