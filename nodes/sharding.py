@@ -17,6 +17,7 @@ Tasks and results are picklable (frozen dataclasses, tensors, Python scalars).
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import threading
@@ -198,6 +199,17 @@ def split_frames(frame_ids: Sequence[int], n_shards: int) -> list[tuple[int, ...
 
 
 # ------------------------------------------------------------------------------------ worker
+#: Modules whose node classes register themselves on import. A fresh worker process has
+#: imported none of them, and the registry only knows classes already imported.
+BUILTIN_NODE_MODULES = ("nodes.data_node", "nodes.normalization", "nodes.selector", "nodes.pca",
+                        "nodes.rx", "nodes.heads", "nodes.losses", "nodes.metrics")
+
+
+def _register_builtin_nodes() -> None:
+    for module in BUILTIN_NODE_MODULES:
+        importlib.import_module(module)
+
+
 def rebuild_pipeline(config: Mapping[str, Any], state: Mapping[str, Tensor],
                      *, training: bool = True, device: str | torch.device = "cpu") -> Pipeline:
     """Rebuild a pipeline from its config and state dict, tensor for tensor.
@@ -206,9 +218,15 @@ def rebuild_pipeline(config: Mapping[str, Any], state: Mapping[str, Tensor],
     whose dtype the sender had changed (e.g. a pipeline moved to float64) is put back as sent,
     so the worker computes with exactly the sender's model.
 
+    Node types resolve through the registry (the built-in node modules are imported first; a
+    custom node's module must be importable and imported by the worker, e.g. via the module
+    that defines the task).
+
     Raises:
+        ConfigError: A node type is not registered in the worker.
         PipelineError: The rebuilt pipeline's state differs from the one sent.
     """
+    _register_builtin_nodes()
     pipe = Pipeline.from_config(config, source="shard task pipeline config")
     pipe.load_state_dict_resizing(state, source="shard task pipeline state")
     with torch.no_grad():

@@ -1,0 +1,403 @@
+"""Sharded Phase 1 on Prefect task runners: Dask (``prefect-dask``) here, Ray by configuration.
+
+``params.yaml`` ``phase1.sharding`` picks where the passes of ``fit_statistics`` run:
+
+- ``runner: inprocess`` (default): in the task's own process; :func:`make_shard_runner` returns
+  None and :class:`~nodes.StatisticalTrainer` runs its passes itself.
+- ``runner: dask``: one Prefect task per shard (``fit_statistics_shard``) on
+  ``prefect_dask.DaskTaskRunner``. Without ``address`` a ``distributed.LocalCluster`` is started
+  on 127.0.0.1 with ``min(n_shards, CPUs)`` worker processes of one thread each (BLAS/OpenMP
+  threads pinned to 1, so workers do not oversubscribe the cores) and torn down after the fit;
+  with ``address`` (``tcp://host:8786``) the shards go to that running scheduler.
+- ``runner: ray``: the same on ``prefect_ray.RayTaskRunner`` against the running Ray cluster at
+  ``address``. prefect-ray is not a dependency, and cubeline never starts a local Ray instance
+  (Ray probes cloud metadata addresses outside loopback at start; ``../shared/STACK.md``).
+
+The task runner starts on the first pass and serves every pass of the fit (a logit head behind
+RX needs a second pass), so the cluster starts once per fit. Shard workers report their task
+runs to the Prefect API of the driver: an explicit ``PREFECT_API_URL`` when set, else the
+driver's temporary API server, whose URL is handed to the local workers (remote workers need a
+server they can reach; see ``docs/scaling.md``). The numerics live in :mod:`nodes.sharding`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nodes.errors import ConfigError, CubelineError, TrainingError
+from nodes.sharding import (
+    ShardDataSpec,
+    ShardedPassRunner,
+    ShardTask,
+    release_shard_cache,
+    run_shard,
+)
+from tasks.env import TELEMETRY_ENV
+
+RUNNERS = ("inprocess", "dask", "ray")
+SHARD_TASK_NAME = "fit_statistics_shard"
+#: Bump when a shard task's behaviour changes in a way its source cannot show.
+SHARD_TASK_VERSION = "1"
+
+#: Worker processes run one thread each: numpy/scipy BLAS and torch's OpenMP pool read these
+#: when they load, so they go into the worker's environment before it imports anything.
+SINGLE_THREAD_ENV: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+
+_FIELD = "params.yaml phase1.sharding"
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Where Phase 1 runs (``params.yaml`` ``phase1.sharding``).
+
+    Attributes:
+        runner: ``inprocess``, ``dask`` or ``ray``.
+        address: Scheduler address of a running cluster (Dask ``tcp://host:8786``, Ray
+            ``ray://host:10001``); None starts a local Dask cluster (never a local Ray).
+        n_shards: Shards per pass (at most one per training frame).
+        n_workers: Worker processes of the local Dask cluster (default ``min(n_shards, CPUs)``).
+    """
+
+    runner: str = "inprocess"
+    address: str | None = None
+    n_shards: int = 1
+    n_workers: int | None = None
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> ShardingConfig:
+        """Read a config from a mapping, an object with the same attributes, or None.
+
+        Raises:
+            ConfigError: Unknown runner, or a non-positive shard/worker count.
+        """
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, ShardingConfig):
+            return cfg
+
+        def get(key: str, default: Any = None) -> Any:
+            if isinstance(cfg, Mapping):
+                return cfg.get(key, default)
+            return getattr(cfg, key, default)
+
+        runner = str(get("runner", "inprocess"))
+        if runner not in RUNNERS:
+            raise ConfigError(
+                f"{_FIELD}.runner = {runner!r} is unknown. Fix: use one of {list(RUNNERS)}."
+            )
+        address = get("address")
+        counts: dict[str, int | None] = {}
+        for key, default in (("n_shards", 1), ("n_workers", None)):
+            value = get(key, default)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(
+                    f"{_FIELD}.{key} = {value!r}: must be a positive integer. Fix: e.g. 2."
+                )
+            counts[key] = value
+        return cls(runner=runner, address=str(address) if address else None,
+                   n_shards=int(counts["n_shards"] or 1), n_workers=counts["n_workers"])
+
+
+# ---------------------------------------------------------------------------- task runners
+def _worker_api_url() -> str:
+    """The Prefect API shard workers report to: the configured one, else the driver's own.
+
+    Without ``PREFECT_API_URL`` every process would start its own temporary API server (10-27 s
+    each here); asking for a client starts the driver's (once per process) and gives its URL.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment of worker processes: telemetry off, one BLAS/OpenMP thread."""
+    # Shards run outside a flow when Phase 1 is called directly (tests, benchmarks); Prefect
+    # then warns on every log record that it cannot send it to the API.
+    quiet = os.environ.get("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    return {**TELEMETRY_ENV, **SINGLE_THREAD_ENV,
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": quiet}
+
+
+def dask_task_runner(address: str | None, n_workers: int, api_url: str) -> Any:
+    """A ``prefect_dask.DaskTaskRunner``: on ``address``, else on a new loopback LocalCluster.
+
+    The local cluster has ``n_workers`` processes of one thread each, listens on 127.0.0.1
+    only, has no dashboard, and passes the telemetry switches, single-thread BLAS and the API
+    URL to its workers' environment.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    env = {**_worker_env(), "PREFECT_API_URL": api_url}
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": n_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+            "env": env,
+        },
+    )
+
+
+def ray_task_runner(address: str | None, api_url: str) -> Any:
+    """A ``prefect_ray.RayTaskRunner`` connected to the running Ray cluster at ``address``.
+
+    Raises:
+        ConfigError: prefect-ray is not installed, or no address is given (cubeline does not
+            start a local Ray instance).
+    """
+    _check_ray(address)
+    from prefect_ray import RayTaskRunner
+
+    env = {**_worker_env(), "PREFECT_API_URL": api_url}
+    return RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
+
+
+def _check_ray(address: str | None) -> None:
+    if importlib.util.find_spec("prefect_ray") is None:
+        raise ConfigError(
+            f"{_FIELD}.runner = 'ray' needs prefect-ray, which is not installed here (and Ray "
+            "is not started on these machines: it probes cloud metadata addresses at start). "
+            "Fix: use runner 'dask', or on a machine that runs a Ray cluster `pip install "
+            "prefect-ray` and set address to it (see docs/scaling.md)."
+        )
+    if not address:
+        raise ConfigError(
+            f"{_FIELD}.runner = 'ray' needs {_FIELD}.address of a running Ray cluster (e.g. "
+            "ray://head-node:10001); cubeline does not start a local Ray instance. Fix: start "
+            "the cluster with `ray start --head` and set the address."
+        )
+
+
+def _dask_worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+def fit_statistics_shard(shard: ShardTask) -> dict[str, Any]:
+    """One shard of a Phase-1 pass (:func:`nodes.sharding.run_shard`), run as a Prefect task.
+
+    The result also names the Dask worker that ran it (``dask_worker``), so the next pass can
+    send the shard back to the worker that keeps its frames.
+    """
+    result = run_shard(shard)
+    result["dask_worker"] = _dask_worker_address()
+    return result
+
+
+def _prefect_task(func: Callable[[Any], Any]) -> Any:
+    """The Prefect task that runs ``func`` on one shard (never cached: inputs hold tensors)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    is_shard = func is run_shard
+    if is_shard:
+        func = fit_statistics_shard
+    return task(
+        name=SHARD_TASK_NAME if is_shard else f"shard_{func.__name__}",
+        version=SHARD_TASK_VERSION,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        task_run_name="phase1-shard-{shard.shard_index}" if is_shard else None,
+    )(func)
+
+
+class TaskRunnerMap:
+    """``map_fn`` of :class:`~nodes.sharding.ShardedPassRunner`: one Prefect task per item.
+
+    The task runner is started on the first call and kept until :meth:`close`, so every pass
+    of a fit runs on the same cluster.
+
+    On Dask, an item whose ``affinity(item)`` key was seen in an earlier call goes preferably
+    to the worker that ran it then (``workers=[...]``, ``allow_other_workers=True``): a shard's
+    second pass finds its frames still in that worker's memory.
+
+    Args:
+        make_runner: ``make_runner(api_url) -> TaskRunner`` (not started).
+        kind: ``dask`` or ``ray`` (for messages and worker-side clean-up).
+        affinity: ``affinity(item) -> key`` (None: no preference for that item).
+    """
+
+    def __init__(self, make_runner: Callable[[str], Any], kind: str,
+                 affinity: Callable[[Any], Hashable | None] | None = None) -> None:
+        self._make_runner = make_runner
+        self.kind = kind
+        self._affinity = affinity
+        self._placement: dict[Hashable, str] = {}
+        self._runner: Any = None
+        self._api_url: str | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the task runner (and its cluster) is up."""
+        return self._runner is not None
+
+    def start(self) -> Any:
+        """Start the task runner (idempotent); returns it."""
+        if self._runner is None:
+            self._api_url = _worker_api_url()
+            runner = self._make_runner(self._api_url)
+            runner.__enter__()
+            self._runner = runner
+        return self._runner
+
+    def __call__(self, func: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Run ``func(item)`` as one Prefect task per item; results in item order."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        runner = self.start()
+        ptask = _prefect_task(func)
+        param = next(iter(inspect.signature(func).parameters))
+        # The serialized settings travel with each task: workers report to the driver's API.
+        keys = [self._affinity(item) if self._affinity else None for item in items]
+        with temporary_settings(updates={PREFECT_API_URL: self._api_url}):
+            futures = [self._submit(runner, ptask, {param: item}, key)
+                       for item, key in zip(items, keys, strict=True)]
+            results = []
+            for i, future in enumerate(futures):
+                try:
+                    results.append(future.result())
+                except CubelineError:
+                    raise  # already names the file/field and the fix
+                except Exception as exc:
+                    raise TrainingError(
+                        f"Phase 1 shard {i} of {len(items)} failed on the {self.kind} cluster: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        for key, result in zip(keys, results, strict=True):
+            worker = result.get("dask_worker") if isinstance(result, Mapping) else None
+            if key is not None and worker:
+                self._placement[key] = str(worker)
+        return results
+
+    def _submit(self, runner: Any, ptask: Any, parameters: dict[str, Any],
+                key: Hashable | None) -> Any:
+        worker = self._placement.get(key) if key is not None else None
+        if worker is None or self.kind != "dask":
+            return runner.submit(ptask, parameters=parameters)
+        # DaskTaskRunner.submit takes no placement; its client (PrefectDaskClient) does.
+        from prefect_dask.task_runners import PrefectDaskFuture
+
+        future = runner.client.submit(ptask, parameters=parameters, workers=[worker],
+                                      allow_other_workers=True, return_type="state")
+        return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+
+    def run_on_workers(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` once on every Dask worker (no-op for other runners)."""
+        if self._runner is None or self.kind != "dask":
+            return
+        self._runner.client.run(fn, *args)
+
+    def close(self) -> None:
+        """Stop the task runner (a local cluster shuts down; a remote one stays up)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.__exit__(None, None, None)
+
+
+class OrchestratedShardRunner(ShardedPassRunner):
+    """:class:`~nodes.sharding.ShardedPassRunner` on a :class:`TaskRunnerMap`.
+
+    :meth:`close` makes remote workers drop the frames they kept for this fit, then stops the
+    task runner (and a local cluster with it).
+    """
+
+    map_fn: TaskRunnerMap
+
+    def __init__(self, task_map: TaskRunnerMap, data_spec: ShardDataSpec | Any, n_shards: int,
+                 **kwargs: Any) -> None:
+        super().__init__(task_map, data_spec, n_shards, **kwargs)
+
+    def close(self) -> None:
+        """Release worker-side frames and stop the task runner."""
+        try:
+            if self.fit_token is not None and self.map_fn.started:
+                with contextlib.suppress(Exception):  # clean-up must not mask the fit's error
+                    self.map_fn.run_on_workers(release_shard_cache, self.fit_token)
+        finally:
+            super().close()
+            self.map_fn.close()
+
+
+def _shard_key(item: Any) -> Hashable | None:
+    if isinstance(item, ShardTask) and item.fit_token is not None:
+        return (item.fit_token, item.frame_ids)
+    return None
+
+
+def make_shard_runner(sharding_cfg: Any, data_cfg: ShardDataSpec | Any, *,
+                      n_workers: int | None = None) -> OrchestratedShardRunner | None:
+    """The Phase-1 shard runner that ``params.yaml`` ``phase1.sharding`` asks for.
+
+    Nothing starts here: the cluster comes up on the first pass. Close the runner when the fit
+    is done (or use :func:`shard_runner_scope`).
+
+    Args:
+        sharding_cfg: ``phase1.sharding`` (``ShardingParams``, a mapping or
+            :class:`ShardingConfig`).
+        data_cfg: The training frames: a :class:`~nodes.sharding.ShardDataSpec` or the
+            file-backed ``CubeDataModule`` of the fit.
+        n_workers: Override the local Dask cluster's worker count.
+
+    Returns:
+        None for ``runner: inprocess`` (the trainer's own loop), else the runner.
+
+    Raises:
+        ConfigError: Unknown runner, bad counts, ``ray`` without prefect-ray or an address, or
+            data that cannot be sent to workers (in-memory frames).
+    """
+    cfg = ShardingConfig.from_any(sharding_cfg)
+    if cfg.runner == "inprocess":
+        return None
+    spec = data_cfg if isinstance(data_cfg, ShardDataSpec) else ShardDataSpec.from_datamodule(
+        data_cfg)
+    workers = n_workers or cfg.n_workers or max(1, min(cfg.n_shards, os.cpu_count() or 1))
+    if cfg.runner == "ray":
+        _check_ray(cfg.address)  # fail now, not at the first pass
+        address = cfg.address
+        task_map = TaskRunnerMap(lambda url: ray_task_runner(address, url), kind="ray")
+    else:
+        address = cfg.address
+        task_map = TaskRunnerMap(lambda url: dask_task_runner(address, workers, url),
+                                 kind="dask", affinity=_shard_key)
+    # Local workers have one thread each; on a remote cluster the workers' own setting stands.
+    threads = 1 if cfg.runner == "dask" and not cfg.address else None
+    return OrchestratedShardRunner(task_map, spec, cfg.n_shards, torch_threads=threads)
+
+
+@contextlib.contextmanager
+def shard_runner_scope(sharding_cfg: Any, data_cfg: ShardDataSpec | Any, *,
+                       n_workers: int | None = None) -> Iterator[OrchestratedShardRunner | None]:
+    """:func:`make_shard_runner` as a context manager that closes the runner on exit."""
+    runner = make_shard_runner(sharding_cfg, data_cfg, n_workers=n_workers)
+    try:
+        yield runner
+    finally:
+        if runner is not None:
+            runner.close()

@@ -1,0 +1,309 @@
+"""Sharded Phase 1 on a real local Dask cluster through Prefect's DaskTaskRunner.
+
+Covers tasks/sharding.py.
+
+(Named ``test_sharding_dask.py``, not ``test_sharding.py``: pytest's default import mode cannot
+collect two test modules of one basename, and ``tests/nodes/test_sharding.py`` exists.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from nodes import (
+    AnomalyDataNode,
+    AnomalyDetectionMetrics,
+    BinaryDecider,
+    ConfigError,
+    DataValidationError,
+    MinMaxNormalizer,
+    Pipeline,
+    RXGlobal,
+    ScoreToLogit,
+    SoftChannelSelector,
+    StatisticalTrainer,
+)
+from nodes.data import CubeDataModule
+from nodes.sharding import ShardDataSpec, ShardedPassRunner
+from nodes.stats import MomentState
+from tasks.env import disable_telemetry
+from tasks.params import ShardingParams
+from tasks.sharding import (
+    OrchestratedShardRunner,
+    ShardingConfig,
+    TaskRunnerMap,
+    _shard_key,
+    dask_task_runner,
+    make_shard_runner,
+    shard_runner_scope,
+)
+
+disable_telemetry()
+
+N_FRAMES = 7
+TOL = 1e-10
+
+
+def write_npz(directory: Path, cubes: Sequence[np.ndarray],
+              masks: Sequence[np.ndarray]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (cube, mask) in enumerate(zip(cubes, masks, strict=True)):
+        path = directory / f"frame_{i:03d}.npz"
+        np.savez(path, cube=cube, wavelengths=np.arange(cube.shape[-1]) * 10 + 400,
+                 mask=mask.astype(np.int32), class_mask=mask.astype(np.uint8))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory,
+           cube_factory: Callable[..., Any]) -> list[Path]:
+    data = cube_factory(N_FRAMES, seed=20, height=20, width=22, channels=12)
+    return write_npz(tmp_path_factory.mktemp("npz"), data.cubes, data.masks)
+
+
+def chain(channels: int = 12) -> Pipeline:
+    """data → normalizer → selector → RX → logit head: two Phase-1 passes."""
+    pipe = Pipeline("chain")
+    data = AnomalyDataNode()
+    norm = MinMaxNormalizer(name="norm")
+    sel = SoftChannelSelector(n_select=5, input_channels=channels, name="sel")
+    rx = RXGlobal(num_channels=5, eps=0.0, name="rx")
+    logit, decider = ScoreToLogit(name="head"), BinaryDecider(name="decider")
+    metrics = AnomalyDetectionMetrics(name="metrics_anomaly")
+    pipe.connect((data.cube, norm.data), (norm.normalized, sel.data), (sel.selected, rx.data),
+                 (rx.scores, logit.scores), (logit.logits, decider.logits),
+                 (decider.decisions, metrics.decisions), (data.mask, metrics.targets))
+    return pipe
+
+
+def spec_of(frames: Sequence[Path], ids: Sequence[int]) -> ShardDataSpec:
+    return ShardDataSpec(tuple(str(p) for p in frames), tuple(ids), batch_size=2)
+
+
+def fit(dm: Any, runner: Any = None, **kw: Any) -> Any:
+    torch.manual_seed(0)
+    return StatisticalTrainer(chain(), dm, shard_runner=runner, **kw).fit()
+
+
+def single(frames: Sequence[Path], ids: Sequence[int], **kw: Any) -> Any:
+    dm = CubeDataModule([str(p) for p in frames], list(ids), [0], [0], batch_size=2)
+    return fit(dm, **kw)
+
+
+def max_rel_diff(a: MomentState, b: MomentState) -> float:
+    worst = 0.0
+    for x, y in zip(a.to_dict().values(), b.to_dict().values(), strict=True):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
+        finite = torch.isfinite(y)
+        if bool(finite.any()):
+            scale = torch.linalg.norm(y[finite]).clamp_min(1e-300)
+            worst = max(worst, float(torch.linalg.norm(x[finite] - y[finite]) / scale))
+    return worst
+
+
+def assert_same_statistics(sharded: Any, reference: Any) -> None:
+    assert sharded.passes == reference.passes == 2
+    assert set(sharded.root_moments) == set(reference.root_moments) == {"data.cube", "rx.scores"}
+    for root, state in reference.root_moments.items():
+        assert sharded.root_moments[root].count == state.count, root
+        assert max_rel_diff(sharded.root_moments[root], state) <= TOL, root
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    """Prefect's temporary test database and API server for this module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def dask_map(prefect_api: None) -> Iterator[TaskRunnerMap]:
+    """One LocalCluster of 2 single-thread worker processes, shared by the tests below."""
+    task_map = TaskRunnerMap(lambda url: dask_task_runner(None, 2, url), kind="dask",
+                             affinity=_shard_key)
+    try:
+        yield task_map
+    finally:
+        task_map.close()
+
+
+# ---------------------------------------------------------------------------- real cluster
+@pytest.mark.slow
+def test_make_shard_runner_on_local_dask_equals_single_process(
+    prefect_api: None, frames: list[Path]
+) -> None:
+    ids = list(range(N_FRAMES))
+    opts = {"normal_only": True, "sample_fraction": 0.5, "seed": 11}
+    reference = single(frames, ids, **opts)
+    cfg = {"runner": "dask", "address": None, "n_shards": 3}
+    with shard_runner_scope(cfg, spec_of(frames, ids), n_workers=2) as runner:
+        assert isinstance(runner, OrchestratedShardRunner)
+        sharded = fit(None, runner, **opts)
+        assert runner.map_fn.started
+    assert not runner.map_fn.started  # the scope shut the local cluster down
+    assert_same_statistics(sharded, reference)
+    first, second = runner.passes
+    # Two worker processes of one thread each shared the 3 shards...
+    assert len({r["worker"] for r in first.results}) == 2
+    assert {r["torch_threads"] for r in first.results} == {1}
+    assert all(r["dask_worker"].startswith("tcp://127.0.0.1:") for r in first.results)
+    # ... and each shard's second pass went back to the worker that kept its frames.
+    assert [r["dask_worker"] for r in second.results] == [r["dask_worker"] for r in first.results]
+    assert all(r["reused_frames"] for r in second.results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_shards", [1, 2, 5, 7])
+def test_any_shard_count_on_two_dask_workers_equals_single_process(
+    dask_map: TaskRunnerMap, frames: list[Path], n_shards: int
+) -> None:
+    ids = [6, 0, 5, 1, 4, 2, 3]
+    reference = single(frames, ids)
+    with ShardedPassRunner(dask_map, spec_of(frames, ids), n_shards, torch_threads=1) as runner:
+        sharded = fit(None, runner)
+    assert_same_statistics(sharded, reference)
+    assert all(len(p.results) == n_shards for p in runner.passes)
+
+
+@pytest.mark.slow
+def test_a_running_scheduler_is_used_by_address(dask_map: TaskRunnerMap,
+                                                frames: list[Path]) -> None:
+    """``phase1.sharding.address``: connect to a running scheduler, leave it running."""
+    address = dask_map.start().client.scheduler.address
+    ids = list(range(N_FRAMES))
+    cfg = ShardingParams(runner="dask", address=address, n_shards=4)
+    with shard_runner_scope(cfg, spec_of(frames, ids)) as runner:
+        assert runner is not None
+        sharded = fit(None, runner)
+    assert_same_statistics(sharded, single(frames, ids))
+    assert {r["dask_worker"] for r in runner.passes[0].results} <= set(
+        dask_map.start().client.scheduler_info()["workers"])
+    assert dask_map.started  # closing the runner did not stop the cluster it connected to
+
+
+#: What the flow below shards (module level: workers unpickle the flow by reference).
+_FLOW_INPUT: dict[str, Any] = {}
+
+
+def _phase1_in_task() -> dict[str, dict[str, torch.Tensor]]:
+    with ShardedPassRunner(_FLOW_INPUT["map"], _FLOW_INPUT["spec"], 2, torch_threads=1) as runner:
+        report = fit(None, runner, normal_only=True)
+    return {k: v.to_dict() for k, v in report.root_moments.items()}
+
+
+def _train_flow() -> dict[str, dict[str, torch.Tensor]]:
+    from prefect import task
+
+    return task(name="fit_statistics")(_phase1_in_task)()
+
+
+@pytest.mark.slow
+def test_sharded_fit_inside_a_prefect_flow_task(dask_map: TaskRunnerMap,
+                                                frames: list[Path]) -> None:
+    """As in ``fit_statistics``: the shard tasks are submitted from a task of a flow run."""
+    from prefect import flow
+
+    ids = list(range(N_FRAMES))
+    _FLOW_INPUT.update(map=dask_map, spec=spec_of(frames, ids))
+    try:
+        moments = flow(name="train")(_train_flow)()
+    finally:
+        _FLOW_INPUT.clear()
+    reference = single(frames, ids, normal_only=True)
+    for root, state in reference.root_moments.items():
+        assert max_rel_diff(MomentState.from_dict(moments[root]), state) <= TOL, root
+
+
+@pytest.mark.slow
+def test_a_worker_error_reaches_the_driver_with_its_message(
+    dask_map: TaskRunnerMap, frames: list[Path], tmp_path: Path
+) -> None:
+    spec = ShardDataSpec((str(frames[0]), str(tmp_path / "missing.npz")), (0, 1))
+    with pytest.raises(DataValidationError, match=r"missing\.npz"):
+        fit(None, ShardedPassRunner(dask_map, spec, 2))
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_inprocess_is_the_default_and_starts_nothing(frames: list[Path]) -> None:
+    assert make_shard_runner(None, spec_of(frames, [0])) is None
+    assert make_shard_runner(ShardingParams(), spec_of(frames, [0])) is None
+    assert make_shard_runner({"runner": "inprocess", "n_shards": 4}, spec_of(frames, [0])) is None
+
+
+def test_params_section_is_read_and_nothing_starts_before_the_first_pass(
+    frames: list[Path],
+) -> None:
+    dm = CubeDataModule([str(p) for p in frames], [0, 1, 2, 3], [4], [5], batch_size=3)
+    runner = make_shard_runner(ShardingParams(runner="dask", n_shards=3), dm)
+    assert isinstance(runner, OrchestratedShardRunner)
+    assert not runner.map_fn.started
+    assert runner.shards == [(0, 1), (2,), (3,)]
+    assert runner.data_spec.batch_size == 3
+    assert runner.torch_threads == 1  # local workers: one thread each
+    runner.close()
+    remote = make_shard_runner({"runner": "dask", "address": "tcp://10.0.0.5:8786",
+                                "n_shards": 2}, dm)
+    assert remote is not None and remote.torch_threads is None  # the cluster's own setting
+    remote.close()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"runner": "spark"}, "runner = 'spark' is unknown"),
+        ({"runner": "dask", "n_shards": 0}, "n_shards = 0"),
+        ({"runner": "dask", "n_workers": -2}, "n_workers = -2"),
+    ],
+)
+def test_bad_sharding_config_names_the_field(cfg: dict[str, Any], match: str,
+                                             frames: list[Path]) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        make_shard_runner(cfg, spec_of(frames, [0]))
+    assert "params.yaml phase1.sharding" in str(err.value)
+
+
+def test_in_memory_frames_are_refused(cube_factory: Callable[..., Any]) -> None:
+    data = cube_factory(3, seed=0)
+    dm = CubeDataModule.from_arrays(data.cubes, data.masks, [0, 1], [2], [2], batch_size=1)
+    with pytest.raises(ConfigError, match=r"\.npz"):
+        make_shard_runner({"runner": "dask", "n_shards": 2}, dm)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is not None,
+                    reason="prefect-ray is installed here")
+def test_ray_without_prefect_ray_is_a_clear_error(frames: list[Path]) -> None:
+    with pytest.raises(ConfigError, match="prefect-ray, which is not installed") as err:
+        make_shard_runner({"runner": "ray", "address": "ray://head:10001", "n_shards": 2},
+                          spec_of(frames, [0, 1]))
+    assert "docs/scaling.md" in str(err.value)
+
+
+def test_ray_never_starts_a_local_instance(monkeypatch: pytest.MonkeyPatch,
+                                           frames: list[Path]) -> None:
+    """Even with prefect-ray importable, no address means no Ray (checked before any import)."""
+    real = importlib.util.find_spec
+
+    def pretend(name: str, *args: Any) -> Any:
+        return object() if name == "prefect_ray" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", pretend)
+    with pytest.raises(ConfigError, match="does not start a local Ray"):
+        make_shard_runner({"runner": "ray", "n_shards": 2}, spec_of(frames, [0, 1]))
+
+
+def test_sharding_config_reads_mappings_and_objects() -> None:
+    assert ShardingConfig.from_any({"runner": "dask", "n_shards": 4}) == ShardingConfig(
+        runner="dask", n_shards=4)
+    assert ShardingConfig.from_any(ShardingParams(runner="dask", address="127.0.0.1:8786",
+                                                  n_shards=2)).address == "127.0.0.1:8786"
