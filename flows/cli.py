@@ -12,11 +12,13 @@ needs it, after telemetry is switched off: importing all of it up front costs ~1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,15 +99,41 @@ def print_summary(summary: Any, seconds: float) -> None:
     print("\n".join(lines))
 
 
+def _start_temporary_server() -> threading.Thread:
+    """Start Prefect's temporary API server now, in the background, when no server is set.
+
+    It takes 10-27 s to come up (STACK.md), all of it in a subprocess: started before the
+    heavy imports, it boots on the other core while this process imports torch and Lightning,
+    instead of after them. The flow's client then finds it running (Prefect keeps one instance
+    per process). Failures are left to the flow, which retries and reports them.
+    """
+
+    def start() -> None:
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="cubeline-prefect-server", daemon=True)
+    thread.start()
+    return thread
+
+
 def _run_flow(args: argparse.Namespace, which: str) -> int:
     from flows import for_repo
 
+    server = _start_temporary_server()
     _quiet_lightning(args.verbose)
     params = _params_path(args)
     if which == "train":
         from flows.train import train as flow_fn
     else:
         from flows.retrain import retrain as flow_fn
+    server.join()
     start = time.perf_counter()
     summary = for_repo(flow_fn, params.parent)(
         params_path=str(params), reason=args.reason or f"cubeline {args.command}"
