@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,18 @@ from nodes.drift import DriftThresholds, compare_moments, plot_drift_report
 from nodes.errors import DataValidationError
 from nodes.stats import MomentState
 
-REPO = Path(__file__).resolve().parents[2]
+Pixels = Callable[[str], np.ndarray]
 
 
-def _scene(name: str) -> np.ndarray:
-    for base in (REPO / "data" / "session", REPO.parent / "shared" / "data" / "abu"):
-        path = base / f"abu-{name}.mat"
-        if path.is_file():
-            cube = scipy.io.loadmat(path)["data"].astype(np.float64)
-            return cube.reshape(-1, cube.shape[-1])
-    pytest.skip(f"bundled scene abu-{name}.mat not found")
+@pytest.fixture(scope="module")
+def scene(scene_path: Callable[[str], Path]) -> Pixels:
+    """``scene("airport-1")`` → the scene's pixels (H*W, C) in float64."""
+
+    def load(name: str) -> np.ndarray:
+        cube = scipy.io.loadmat(scene_path(name))["data"].astype(np.float64)
+        return cube.reshape(-1, cube.shape[-1])
+
+    return load
 
 
 def _moments(pixels: np.ndarray) -> MomentState:
@@ -31,8 +34,8 @@ def _moments(pixels: np.ndarray) -> MomentState:
 
 
 @pytest.fixture(scope="module")
-def train_pixels() -> np.ndarray:
-    return np.concatenate([_scene(f"airport-{i}") for i in (1, 2, 3)])
+def train_pixels(scene: Pixels) -> np.ndarray:
+    return np.concatenate([scene(f"airport-{i}") for i in (1, 2, 3)])
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +77,16 @@ def test_simulated_illumination_change_drifts(
     assert report.reason.startswith("drift:")
 
 
-def test_each_training_frame_alone_is_within_thresholds(reference: MomentState) -> None:
+def test_each_training_frame_alone_is_within_thresholds(
+    reference: MomentState, scene: Pixels
+) -> None:
     # The thresholds must not flag data the model was initialized on.
     for i in (1, 2, 3):
-        report = compare_moments(reference, _moments(_scene(f"airport-{i}")))
+        report = compare_moments(reference, _moments(scene(f"airport-{i}")))
         assert not report.drifted, f"airport-{i}: {report.reason}"
 
 
-def test_other_scenes_of_the_session(reference: MomentState) -> None:
+def test_other_scenes_of_the_session(reference: MomentState, scene: Pixels) -> None:
     """urban-4/5 (same sensor, other land cover): what the check says, pinned.
 
     Pooled, their means stay within the reference's Mahalanobis metric, but their covariance
@@ -89,15 +94,15 @@ def test_other_scenes_of_the_session(reference: MomentState) -> None:
     alone is close to the airports on every criterion.
     """
     pooled = compare_moments(
-        reference, _moments(np.concatenate([_scene("urban-4"), _scene("urban-5")]))
+        reference, _moments(np.concatenate([scene("urban-4"), scene("urban-5")]))
     )
     assert pooled.drifted
     assert set(pooled.fired) == {"cov_divergence", "band_fraction"}
     assert len(pooled.drifted_bands) > 0.5 * 205
-    urban4 = compare_moments(reference, _moments(_scene("urban-4")))
+    urban4 = compare_moments(reference, _moments(scene("urban-4")))
     assert urban4.drifted
     assert set(urban4.fired) == {"mean_shift", "cov_divergence", "band_fraction"}
-    urban5 = compare_moments(reference, _moments(_scene("urban-5")))
+    urban5 = compare_moments(reference, _moments(scene("urban-5")))
     assert not urban5.drifted, urban5.reason
 
 
