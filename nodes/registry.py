@@ -6,6 +6,7 @@ the file, so loading a YAML file cannot run arbitrary code.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, TypeVar
 
 from nodes.errors import ConfigError
@@ -14,6 +15,25 @@ if TYPE_CHECKING:
     from nodes.base import Node
 
 NODE_REGISTRY: dict[str, type[Node]] = {}
+
+#: Modules defining cubeline's own nodes: a fixed list in code, imported on the first lookup so a
+#: fresh process (a Dask worker, an MLflow model server) knows them without importing ``nodes``.
+BUILTIN_NODE_MODULES: tuple[str, ...] = (
+    "nodes.data_node",
+    "nodes.normalization",
+    "nodes.selector",
+    "nodes.rx",
+    "nodes.pca",
+    "nodes.heads",
+    "nodes.losses",
+    "nodes.metrics",
+)
+
+
+def load_builtin_nodes() -> None:
+    """Import (and so register) every built-in node class."""
+    for module in BUILTIN_NODE_MODULES:
+        importlib.import_module(module)
 
 N = TypeVar("N", bound="type[Node]")
 
@@ -30,6 +50,8 @@ def register_node(cls: N) -> N:
 
 def node_class(type_name: str, *, source: str = "pipeline file") -> type[Node]:
     """Look up a registered node class, with an error listing the known ones."""
+    if type_name not in NODE_REGISTRY:
+        load_builtin_nodes()
     try:
         return NODE_REGISTRY[type_name]
     except KeyError:
