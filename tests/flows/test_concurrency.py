@@ -1,0 +1,57 @@
+"""Two ``cubeline run`` processes at once on one repository end with exactly one champion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def test_two_concurrent_retrains_leave_one_champion(
+    repo_copy: Path, prefect_server: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    from tasks.registry import champion_history
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "h")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "--json", "--reason", f"concurrent {i}"],
+            cwd=repo_copy,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, f"{out}\n{err}"
+
+    uri = f"sqlite:///{repo_copy / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    name = "cubeline-channel-selector"
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    assert versions == [1, 2]
+    # One alias row names the champion; the history holds exactly that one promotion.
+    aliases = client.get_registered_model(name).aliases
+    assert set(aliases) == {"champion", "challenger"}
+    assert aliases["champion"] != aliases["challenger"]
+    holders = [str(aliases["champion"])]
+    history = champion_history(name)
+    assert [h.version for h in history] == holders
+    # Each run's initialization state is checked out under the hash its MLflow run records
+    # (two fits at once: two states, since the metadata records when each was made).
+    runs = client.search_runs([client.get_experiment_by_name("cubeline").experiment_id])
+    recorded = {r.data.tags["cubeline.init_state_hash"].removesuffix(".dir") for r in runs}
+    states = {s.name for s in (repo_copy / "outputs" / "states").iterdir()}
+    assert recorded == states and len(recorded) in (1, 2)
