@@ -138,3 +138,21 @@ def test_predict_refuses_bad_frames_before_writing(repo: Path, tmp_path: Path) -
     with pytest.raises(DataValidationError, match="n_nonfinite"):
         predict_cubes(repo / "params.yaml", [bad], out)
     assert not out.exists()
+
+
+def test_unreachable_tracking_server_fails_fast(repo: Path) -> None:
+    import time
+
+    from tasks.tracking import TrackingUnavailableError
+
+    edit_params(repo, mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    try:
+        start = time.perf_counter()
+        with (
+            pytest.raises(TrackingUnavailableError, match=r"127\.0\.0\.1:9"),
+            tracked_run(repo, "test"),
+        ):
+            pytest.fail("the body must not run")
+        assert time.perf_counter() - start < 10
+    finally:
+        edit_params(repo, mlflow={"tracking_uri": None})
