@@ -516,6 +516,9 @@ def tracked_run(
         flat = flatten_params(params.to_dict())
         mlflow.log_params(flat)
         yield ctx
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise
