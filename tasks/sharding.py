@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import os
+import pickle
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,32 +200,57 @@ def _dask_worker_address() -> str | None:
         return None
 
 
-def fit_statistics_shard(shard: ShardTask) -> dict[str, Any]:
+def fit_statistics_shard(payload: bytes, shard_index: int = 0) -> dict[str, Any]:
     """One shard of a Phase-1 pass (:func:`nodes.sharding.run_shard`), run as a Prefect task.
 
-    The result also names the Dask worker that ran it (``dask_worker``), so the next pass can
-    send the shard back to the worker that keeps its frames.
+    Args:
+        payload: The pickled :class:`~nodes.sharding.ShardTask`. Bytes, because Prefect walks
+            every dataclass, dict and tuple of a task's parameters on both sides looking for
+            futures (frame ids, pipeline config...), and its ``quote`` wrapper does not survive
+            pickling to a Dask worker (it comes back wrapped twice).
+        shard_index: Only names the task run (``phase1-shard-<i>``).
+
+    Returns:
+        :func:`~nodes.sharding.run_shard`'s result, plus the Dask worker that ran it
+        (``dask_worker``), so the next pass can send the shard back to the worker that keeps
+        its frames.
     """
+    shard = pickle.loads(payload)
+    if not isinstance(shard, ShardTask):
+        raise TrainingError(f"fit_statistics_shard got a {type(shard).__name__}, not a ShardTask")
     result = run_shard(shard)
     result["dask_worker"] = _dask_worker_address()
     return result
 
 
+def apply_payload(payload: bytes) -> Any:
+    """Run ``func(item)`` from a cloudpickled ``(func, item)`` (any other ``map_fn`` use)."""
+    func, item = pickle.loads(payload)
+    return func(item)
+
+
 def _prefect_task(func: Callable[[Any], Any]) -> Any:
-    """The Prefect task that runs ``func`` on one shard (never cached: inputs hold tensors)."""
+    """The Prefect task that runs ``func`` on one item (never cached: inputs hold tensors)."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
     is_shard = func is run_shard
-    if is_shard:
-        func = fit_statistics_shard
     return task(
-        name=SHARD_TASK_NAME if is_shard else f"shard_{func.__name__}",
+        name=SHARD_TASK_NAME if is_shard else f"shard_{getattr(func, '__name__', 'func')}",
         version=SHARD_TASK_VERSION,
         cache_policy=NO_CACHE,
         persist_result=False,
-        task_run_name="phase1-shard-{shard.shard_index}" if is_shard else None,
-    )(func)
+        task_run_name="phase1-shard-{shard_index}" if is_shard else None,
+    )(fit_statistics_shard if is_shard else apply_payload)
+
+
+def _parameters(func: Callable[[Any], Any], item: Any) -> dict[str, Any]:
+    import cloudpickle
+
+    if func is run_shard and isinstance(item, ShardTask):
+        return {"payload": pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL),
+                "shard_index": item.shard_index}
+    return {"payload": cloudpickle.dumps((func, item), protocol=pickle.HIGHEST_PROTOCOL)}
 
 
 class TaskRunnerMap:
@@ -273,11 +298,12 @@ class TaskRunnerMap:
 
         runner = self.start()
         ptask = _prefect_task(func)
-        param = next(iter(inspect.signature(func).parameters))
-        # The serialized settings travel with each task: workers report to the driver's API.
         keys = [self._affinity(item) if self._affinity else None for item in items]
-        with temporary_settings(updates={PREFECT_API_URL: self._api_url}):
-            futures = [self._submit(runner, ptask, {param: item}, key)
+        # The serialized settings travel with each task: workers report to the driver's API.
+        settings = (contextlib.nullcontext() if PREFECT_API_URL.value() == self._api_url
+                    else temporary_settings(updates={PREFECT_API_URL: self._api_url}))
+        with settings:
+            futures = [self._submit(runner, ptask, _parameters(func, item), key)
                        for item, key in zip(items, keys, strict=True)]
             results = []
             for i, future in enumerate(futures):

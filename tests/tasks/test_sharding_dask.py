@@ -139,28 +139,59 @@ def dask_map(prefect_api: None) -> Iterator[TaskRunnerMap]:
 
 
 # ---------------------------------------------------------------------------- real cluster
+#: What the flow below shards (module level: workers unpickle the flow by reference).
+_FLOW_INPUT: dict[str, Any] = {}
+
+
+def _phase1_in_task() -> dict[str, Any]:
+    """What ``fit_statistics`` does: make the runner from the params section, fit, close."""
+    cfg, spec, opts = _FLOW_INPUT["cfg"], _FLOW_INPUT["spec"], _FLOW_INPUT["opts"]
+    with shard_runner_scope(cfg, spec, n_workers=2) as runner:
+        assert isinstance(runner, OrchestratedShardRunner)
+        report = fit(None, runner, **opts)
+        started = runner.map_fn.started
+    return {"moments": {k: v.to_dict() for k, v in report.root_moments.items()},
+            "passes": [p.results for p in runner.passes],
+            "started": started, "stopped": not runner.map_fn.started}
+
+
+def _train_flow() -> dict[str, Any]:
+    from prefect import task
+
+    return task(name="fit_statistics")(_phase1_in_task)()
+
+
 @pytest.mark.slow
-def test_make_shard_runner_on_local_dask_equals_single_process(
+def test_fit_statistics_style_sharding_in_a_flow_equals_single_process(
     prefect_api: None, frames: list[Path]
 ) -> None:
+    """A flow's task makes the runner from ``phase1.sharding``; a LocalCluster of 2 workers
+    starts inside it, serves both passes and stops with the fit."""
+    from prefect import flow
+
     ids = list(range(N_FRAMES))
     opts = {"normal_only": True, "sample_fraction": 0.5, "seed": 11}
+    _FLOW_INPUT.update(cfg=ShardingParams(runner="dask", address=None, n_shards=3),
+                       spec=spec_of(frames, ids), opts=opts)
+    try:
+        out = flow(name="train")(_train_flow)()
+    finally:
+        _FLOW_INPUT.clear()
+    assert out["started"] and out["stopped"]
     reference = single(frames, ids, **opts)
-    cfg = {"runner": "dask", "address": None, "n_shards": 3}
-    with shard_runner_scope(cfg, spec_of(frames, ids), n_workers=2) as runner:
-        assert isinstance(runner, OrchestratedShardRunner)
-        sharded = fit(None, runner, **opts)
-        assert runner.map_fn.started
-    assert not runner.map_fn.started  # the scope shut the local cluster down
-    assert_same_statistics(sharded, reference)
-    first, second = runner.passes
+    sharded = {k: MomentState.from_dict(v) for k, v in out["moments"].items()}
+    assert set(sharded) == set(reference.root_moments) == {"data.cube", "rx.scores"}
+    for root, state in reference.root_moments.items():
+        assert sharded[root].count == state.count, root
+        assert max_rel_diff(sharded[root], state) <= TOL, root
+    first, second = out["passes"]
     # Two worker processes of one thread each shared the 3 shards...
-    assert len({r["worker"] for r in first.results}) == 2
-    assert {r["torch_threads"] for r in first.results} == {1}
-    assert all(r["dask_worker"].startswith("tcp://127.0.0.1:") for r in first.results)
+    assert len({r["worker"] for r in first}) == 2
+    assert {r["torch_threads"] for r in first} == {1}
+    assert all(r["dask_worker"].startswith("tcp://127.0.0.1:") for r in first)
     # ... and each shard's second pass went back to the worker that kept its frames.
-    assert [r["dask_worker"] for r in second.results] == [r["dask_worker"] for r in first.results]
-    assert all(r["reused_frames"] for r in second.results)
+    assert [r["dask_worker"] for r in second] == [r["dask_worker"] for r in first]
+    assert all(r["reused_frames"] for r in second)
 
 
 @pytest.mark.slow
@@ -192,39 +223,6 @@ def test_a_running_scheduler_is_used_by_address(dask_map: TaskRunnerMap,
     assert dask_map.started  # closing the runner did not stop the cluster it connected to
 
 
-#: What the flow below shards (module level: workers unpickle the flow by reference).
-_FLOW_INPUT: dict[str, Any] = {}
-
-
-def _phase1_in_task() -> dict[str, dict[str, torch.Tensor]]:
-    with ShardedPassRunner(_FLOW_INPUT["map"], _FLOW_INPUT["spec"], 2, torch_threads=1) as runner:
-        report = fit(None, runner, normal_only=True)
-    return {k: v.to_dict() for k, v in report.root_moments.items()}
-
-
-def _train_flow() -> dict[str, dict[str, torch.Tensor]]:
-    from prefect import task
-
-    return task(name="fit_statistics")(_phase1_in_task)()
-
-
-@pytest.mark.slow
-def test_sharded_fit_inside_a_prefect_flow_task(dask_map: TaskRunnerMap,
-                                                frames: list[Path]) -> None:
-    """As in ``fit_statistics``: the shard tasks are submitted from a task of a flow run."""
-    from prefect import flow
-
-    ids = list(range(N_FRAMES))
-    _FLOW_INPUT.update(map=dask_map, spec=spec_of(frames, ids))
-    try:
-        moments = flow(name="train")(_train_flow)()
-    finally:
-        _FLOW_INPUT.clear()
-    reference = single(frames, ids, normal_only=True)
-    for root, state in reference.root_moments.items():
-        assert max_rel_diff(MomentState.from_dict(moments[root]), state) <= TOL, root
-
-
 @pytest.mark.slow
 def test_a_worker_error_reaches_the_driver_with_its_message(
     dask_map: TaskRunnerMap, frames: list[Path], tmp_path: Path
@@ -232,6 +230,11 @@ def test_a_worker_error_reaches_the_driver_with_its_message(
     spec = ShardDataSpec((str(frames[0]), str(tmp_path / "missing.npz")), (0, 1))
     with pytest.raises(DataValidationError, match=r"missing\.npz"):
         fit(None, ShardedPassRunner(dask_map, spec, 2))
+
+
+@pytest.mark.slow
+def test_the_task_map_runs_any_function_as_prefect_tasks(dask_map: TaskRunnerMap) -> None:
+    assert dask_map(abs, [-3, 2, -1]) == [3, 2, 1]
 
 
 # ---------------------------------------------------------------------------- configuration
