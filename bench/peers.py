@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -308,6 +309,7 @@ class CubelineWorker:
             return metrics
 
         t, metrics = measure(run)
+        shutil.rmtree(root, ignore_errors=True)  # Lightning's logs/checkpoint dir
         keep = pick_metrics(metrics)
         return {**t, **phases, "epochs": epochs, "val_metrics": keep}
 

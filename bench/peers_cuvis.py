@@ -24,6 +24,7 @@ own nodes and trainers, as its documentation and sources show them:
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -250,6 +251,7 @@ class CuvisWorker:
                     if getattr(v, "numel", lambda: 1)() == 1}
 
         t, metrics_out = measure(run)
+        shutil.rmtree(root, ignore_errors=True)  # Lightning's logs/checkpoint dir
         keep = pick_metrics(metrics_out)
         return {**t, **phases, "epochs": epochs, "val_metrics": keep}
 
