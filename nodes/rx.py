@@ -2,8 +2,10 @@
 
 The score of a pixel is its squared Mahalanobis distance to the background,
 ``(x - mu)^T (Sigma + eps I)^{-1} (x - mu)``. We keep the Cholesky factor ``L`` of
-``Sigma + eps I`` (float64) and score with a triangular solve, ``||L^{-1}(x - mu)||^2``, which is
-stabler than an explicit inverse on the nearly singular covariances of adjacent bands. The factor
+``Sigma + eps I`` (float64) and score ``||L^{-1}(x - mu)||^2``: the covariance is never inverted,
+which matters on the nearly singular covariances of adjacent bands. ``L^{-1}`` comes from one
+triangular solve against the identity (C x C, cached while the factor does not change), so scoring
+a batch is a single matrix product instead of a row-by-row substitution. The factor
 is also the Phase-2 parameterization of the precision: ``L L^T`` stays symmetric positive
 definite whatever the optimizer does to the lower triangle (the diagonal enters by magnitude).
 """
@@ -34,6 +36,8 @@ class RXGlobal(Node):
     Args:
         num_channels: Number of input channels C.
         eps: Ridge added to the covariance diagonal (0 reproduces textbook RX).
+        score_dtype: ``"float64"`` (default: exact even on ill-conditioned raw bands) or
+            ``"float32"`` (about twice as fast; fine on normalized, selected channels).
         name: Node name.
     """
 
@@ -48,12 +52,18 @@ class RXGlobal(Node):
     mu: Tensor
     cov_factor: Tensor
 
-    def __init__(self, num_channels: int, eps: float = 1e-6, name: str | None = None,
-                 **kwargs: object) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-6, score_dtype: str = "float64",
+                 name: str | None = None, **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+        if score_dtype not in ("float64", "float32"):
+            raise CubelineError(
+                f"RXGlobal score_dtype must be 'float64' or 'float32', got {score_dtype!r}"
+            )
         self.num_channels = int(num_channels)
         self.eps = float(eps)
-        self._remember(num_channels=self.num_channels, eps=self.eps)
+        self.score_dtype = score_dtype
+        self._remember(num_channels=self.num_channels, eps=self.eps, score_dtype=score_dtype)
+        self._whitener_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         c = self.num_channels
         self.register_buffer("mu", torch.full((c,), float("nan"), dtype=_F64))
         self.register_buffer("cov_factor", torch.full((c, c), float("nan"), dtype=_F64))
@@ -108,12 +118,28 @@ class RXGlobal(Node):
         self._set_covariance(moments.cov(ddof=1).to(self.mu.device), add_eps=True)
         self._mark_fitted()
 
+    def _whitener(self) -> tuple[Tensor, Tensor]:
+        """``(W, mu)`` in the scoring dtype, with ``W = L^{-1}``; cached while both are frozen."""
+        dtype = torch.float64 if self.score_dtype == "float64" else torch.float32
+        frozen = not (self.cov_factor.requires_grad or self.mu.requires_grad)
+        key = (self.cov_factor.data_ptr(), self.cov_factor._version, self.mu.data_ptr(),
+               self.mu._version, self.cov_factor.device, dtype)
+        if frozen and self._whitener_cache is not None and self._whitener_cache[0] == key:
+            return self._whitener_cache[1], self._whitener_cache[2]
+        factor = self._factor()
+        eye = torch.eye(self.num_channels, dtype=_F64, device=factor.device)
+        w = torch.linalg.solve_triangular(factor, eye, upper=False).to(dtype)
+        mu = self.mu.to(dtype)
+        if frozen:
+            self._whitener_cache = (key, w, mu)
+        return w, mu
+
     def forward(self, data: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
         """Score ``data`` (B, H, W, C) → (B, H, W)."""
         self.check_initialized()
         shape = data.shape[:-1]
-        diff = data.reshape(-1, data.shape[-1]).to(_F64) - self.mu
-        # diff @ L^{-T}: rows are L^{-1}(x - mu), so the score is their squared norm.
-        z = torch.linalg.solve_triangular(self._factor().T, diff, upper=True, left=False)
-        scores = (z * z).sum(dim=-1)
+        w, mu = self._whitener()
+        diff = data.reshape(-1, data.shape[-1]).to(w.dtype) - mu
+        z = diff @ w.T  # rows are L^{-1}(x - mu)
+        scores = torch.linalg.vector_norm(z, dim=-1).square()
         return {"scores": scores.reshape(shape).to(data.dtype)}
