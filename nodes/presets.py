@@ -25,12 +25,15 @@ def build_channel_selector_pipeline(
     pos_weight: float | None = None,
     normal_class_ids: Sequence[int] = (0,),
     threshold: float = 0.5,
+    rx_score_dtype: str = "float32",
     name: str = "Channel_Selector",
 ) -> Pipeline:
     """Normalizer → soft channel selector → RX → logit head, with BCE loss and metrics.
 
     Node names: ``data``, ``normalizer``, ``selector``, ``rx``, ``logit_head``, ``decider``,
-    ``bce``, ``metrics_anomaly``.
+    ``bce``, ``metrics_anomaly``. RX scores in float32 by default: its inputs are a few
+    normalized channels, where float32 loses nothing measurable and runs twice as fast (its
+    statistics stay float64).
     """
     pipeline = Pipeline(name)
     data = AnomalyDataNode(normal_class_ids=list(normal_class_ids), name="data")
@@ -39,7 +42,7 @@ def build_channel_selector_pipeline(
         n_select=n_select, input_channels=input_channels, init_method=init_method,  # type: ignore[arg-type]
         temperature_init=temperature_init, name="selector",
     )
-    rx = RXGlobal(num_channels=n_select, eps=eps, name="rx")
+    rx = RXGlobal(num_channels=n_select, eps=eps, score_dtype=rx_score_dtype, name="rx")
     head = ScoreToLogit(init_scale=1.0, init_bias=0.0, name="logit_head")
     decider = BinaryDecider(threshold=threshold, name="decider")
     bce = AnomalyBCEWithLogits(name="bce", weight=bce_weight, pos_weight=pos_weight)
