@@ -2,13 +2,15 @@
 called directly.
 
 Every measurement is one fresh process timed from outside (imports included), in a fresh copy of
-the repository whose data is already checked out (so no run pays the ``dvc pull``):
+the repository whose data is already checked out (so no run pays the ``dvc pull``); the variants
+are interleaved and the minimum of ``--repeat`` rounds is kept:
 
 - ``direct``: the same compute with the ``nodes`` API alone (read + validate, Phase 1, save the
   init state, unfreeze, Phase 2 with the params.yaml config, test evaluation, save the model);
 - ``warm``: ``cubeline run`` against a running ``prefect server start`` (started beforehand,
-  not timed);
-- ``cold``: ``cubeline run`` with Prefect's temporary API server (started by the run);
+  not timed) and an existing MLflow store (steady state);
+- ``cold``: ``cubeline run`` with Prefect's temporary API server (started by the run) and a
+  fresh MLflow store (the first run of a fresh clone);
 - ``second``: ``cubeline run`` again in the warm copy (load_cubes cached, Phase 1 skipped: the
   champion's state is reused after the drift check), and ``cubeline train`` twice in a fresh
   copy (the second one skips Phase 1 through the cache).
@@ -30,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -147,32 +148,14 @@ def main() -> None:
     env = {**os.environ, **TELEMETRY_ENV, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     log = sys.stderr
-
-    def best(label: str, fn: Any) -> tuple[float, Any]:
-        results = [fn(i) for i in range(args.repeat)]
-        secs = min(r[0] for r in results)
-        print(f"{label:<28} {secs:7.1f} s  (runs: {[round(r[0], 1) for r in results]})", file=log)
-        return secs, results[0][1]
-
-    direct_s, direct_out = best(
-        "direct (nodes API only)",
-        lambda i: _timed(
-            [py, __file__, "--direct", str(_copy(base, f"direct{i}", args.epochs))], REPO, env
-        ),
-    )
-    # Prime the client's Prefect database once so 'cold' measures a start with an existing DB
-    # (STACK.md: 10-13 s), as every run after the first one on a machine sees it.
+    # Prime the client's Prefect database once, so that 'cold' starts its temporary server on
+    # an existing database (STACK.md: 10-13 s), as every run after the first on a machine does.
     subprocess.run(
         [py, "-c", "from prefect import flow\n@flow\ndef f(): pass\nf()"],
         env=env,
         capture_output=True,
         check=True,
     )
-    cold_s, _ = best(
-        "cold (temporary API server)",
-        lambda i: _timed([*cli, "run"], _copy(base, f"cold{i}", args.epochs), env),
-    )
-
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_HOME": str(base / "server-home"), "PREFECT_UI_ENABLED": "false"}
@@ -194,21 +177,34 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    warm_env = {**env, "PREFECT_API_URL": url}
+    times: dict[str, list[float]] = {"direct": [], "warm": [], "cold": []}
     try:
         t = time.perf_counter()
         wait_healthy(url, timeout=180, proc=server)
         server_start_s = time.perf_counter() - t
         print(f"{'prefect server start':<28} {server_start_s:7.1f} s  (not counted)", file=log)
-        warm_env = {**env, "PREFECT_API_URL": url}
-        warm_roots: list[Path] = []
-
-        def warm(i: int) -> tuple[float, str]:
+        # Interleaved, so that a change in the machine's load hits every variant alike.
+        for i in range(args.repeat):
+            root = _copy(base, f"direct{i}", args.epochs)
+            secs, out = _timed([py, __file__, "--direct", str(root)], REPO, env)
+            if not times["direct"] or secs < min(times["direct"]):
+                direct_out = out  # the step times of the fastest round, reported with it
+            times["direct"].append(secs)
             root = _copy(base, f"warm{i}", args.epochs)
-            warm_roots.append(root)
-            return _timed([*cli, "run", "--json"], root, warm_env)
-
-        warm_s, warm_out = best("warm (running server)", warm)
-        second_s, second_out = _timed([*cli, "run", "--json"], warm_roots[0], warm_env)
+            # The tracking store exists in steady state, like the server: create it untimed.
+            _timed([*cli, "history"], root, warm_env)
+            secs, warm_out = _timed([*cli, "run", "--json"], root, warm_env)
+            times["warm"].append(secs)
+            warm_root = root
+            secs, _ = _timed([*cli, "run"], _copy(base, f"cold{i}", args.epochs), env)
+            times["cold"].append(secs)
+            print(
+                f"round {i + 1}: direct {times['direct'][-1]:.1f} s, warm {times['warm'][-1]:.1f}"
+                f" s, cold (fresh store) {times['cold'][-1]:.1f} s",
+                file=log,
+            )
+        second_s, second_out = _timed([*cli, "run", "--json"], warm_root, warm_env)
         print(f"{'second run (same copy)':<28} {second_s:7.1f} s", file=log)
         train_root = _copy(base, "train", args.epochs)
         train1_s, train1_out = _timed([*cli, "train", "--json"], train_root, warm_env)
@@ -217,6 +213,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+    direct_s, warm_s, cold_s = (min(times[k]) for k in ("direct", "warm", "cold"))
 
     def phase1(out: str) -> str:
         return str(json.loads(out.strip().splitlines()[-1])["phase1"])
@@ -224,6 +221,8 @@ def main() -> None:
     warm_summary = json.loads(warm_out.strip().splitlines()[-1])
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "runs": {k: [round(v, 2) for v in vs] for k, vs in times.items()},
         "epochs": warm_summary["train"]["epochs"],
         "direct_s": round(direct_s, 2),
         "direct_steps_s": {k: round(v, 2) for k, v in json.loads(direct_out).items()},

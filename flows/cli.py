@@ -61,6 +61,16 @@ def _mlflow_ui(tracking_uri: str | None, root: Path) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+def _prefect_where() -> str:
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api:
+        return f"UI: {api.removesuffix('/').removesuffix('/api')} (flow runs, task runs, cache)"
+    return (
+        "temporary API server (its history ends with the run); to keep it: "
+        "prefect server start --host 127.0.0.1, export PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+
+
 def print_summary(summary: Any, seconds: float) -> None:
     """Print a :class:`tasks.steps.RunSummary` for people."""
     s = summary
@@ -93,8 +103,7 @@ def print_summary(summary: Any, seconds: float) -> None:
         f"  MLflow      run {s.ctx.run_id} in {s.ctx.tracking_uri}",
         f"              UI: {_mlflow_ui(s.ctx.tracking_uri, root)}",
         f"  files       {s.ctx.run_dir}",
-        "  Prefect     UI: prefect server start --host 127.0.0.1 (then run with "
-        "PREFECT_API_URL=http://127.0.0.1:4200/api to keep the history)",
+        f"  Prefect     {_prefect_where()}",
     ]
     print("\n".join(lines))
 
@@ -158,11 +167,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
+    server = _start_temporary_server()
+    import nodes.data.datamodule  # noqa: F401  (torch, Lightning: imported while it boots)
     from flows import for_repo
     from flows.drift_watch import drift_watch
 
     params = _params_path(args)
     paths = [str(Path(p).resolve()) for p in args.paths] or None
+    server.join()
     result = for_repo(drift_watch, params.parent)(params_path=str(params), paths=paths)
     if args.json:
         print(json.dumps(result.__dict__, default=str))

@@ -7,7 +7,7 @@ from prefect import flow
 from tasks.steps import DriftResult, drift_check, emit_drift_event, load_cubes, tracked_run
 
 
-@flow(name="drift_watch", version="1", log_prints=False)
+@flow(name="drift_watch", version="1", log_prints=False, persist_result=False)
 def drift_watch(params_path: str | None = None, paths: list[str] | None = None) -> DriftResult:
     """Compare new frames with the champion's statistics; emit ``cubeline.drift.detected``.
 

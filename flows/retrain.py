@@ -17,7 +17,7 @@ from tasks.steps import (
 )
 
 
-@flow(name="retrain", version="1", log_prints=False)
+@flow(name="retrain", version="1", log_prints=False, persist_result=False)
 def retrain(params_path: str | None = None, reason: str = "manual retrain") -> RunSummary:
     """Drift check → Phase 1 only on drift (else the champion's state) → train → register.
 

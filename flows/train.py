@@ -16,7 +16,7 @@ from tasks.steps import (
 )
 
 
-@flow(name="train", version="1", log_prints=False)
+@flow(name="train", version="1", log_prints=False, persist_result=False)
 def train(params_path: str | None = None, reason: str = "manual train") -> RunSummary:
     """Phase 1 on the data (cached while data and params stay), Phase 2, evaluate, register.
 

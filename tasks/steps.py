@@ -6,8 +6,9 @@ Steps: ``load_cubes`` (read + pandera-validate the frames, the design card's "lo
 ``emit_drift_event`` for the drift watch.
 
 Tasks take and return small typed values -- paths, DVC hashes, run ids, metric dicts -- never
-tensors: the results are persisted (cloudpickle) for the cache and must stay small. Every task
-reads ``params.yaml`` itself through :class:`RunContext`, so its inputs are explicit.
+tensors: the cached steps' results are persisted (cloudpickle) and must stay small; the other
+steps persist nothing. Every task reads ``params.yaml`` itself through :class:`RunContext`, so
+its inputs are explicit.
 
 **Cache.** ``load_cubes`` and ``fit_statistics`` carry a ``cache_key_fn``: DVC content hash of
 the data + hash of the ``params.yaml`` sections the step reads + the step's code (its ``version``
@@ -680,7 +681,7 @@ def _stream_moments(dm: CubeDataModule, normal_only: bool) -> Any:
     return acc.finalize()
 
 
-@task(name="drift_check", version=STEP_VERSIONS["drift_check"])
+@task(name="drift_check", version=STEP_VERSIONS["drift_check"], persist_result=False)
 def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
     """Compare the data's statistics with the champion's initialization state.
 
@@ -772,7 +773,7 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
     )
 
 
-@task(name="unfreeze", version=STEP_VERSIONS["unfreeze"])
+@task(name="unfreeze", version=STEP_VERSIONS["unfreeze"], persist_result=False)
 def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> PipelineRef:
     """Build the pipeline from an initialization state and unfreeze the Phase-2 nodes.
 
@@ -821,7 +822,7 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
     )
 
 
-@task(name="gradient_train", version=STEP_VERSIONS["gradient_train"])
+@task(name="gradient_train", version=STEP_VERSIONS["gradient_train"], persist_result=False)
 def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainResult:
     """Phase 2 on Lightning, per-epoch metrics to the run through Lightning's MLflow logger.
 
@@ -911,7 +912,7 @@ def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any
     return np.concatenate(scores), np.concatenate(targets), ids
 
 
-@task(name="evaluate", version=STEP_VERSIONS["evaluate"])
+@task(name="evaluate", version=STEP_VERSIONS["evaluate"], persist_result=False)
 def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult:
     """Test metrics on the pinned evaluation split; ROC/PR curves, histograms, anomaly maps."""
     from nodes.metrics import AnomalyDetectionMetrics
@@ -941,7 +942,7 @@ def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult
     )
 
 
-@task(name="register_model", version=STEP_VERSIONS["register_model"])
+@task(name="register_model", version=STEP_VERSIONS["register_model"], persist_result=False)
 def register_model(
     ctx: RunContext, data: DataRef, trained: TrainResult, evaluation: EvalResult
 ) -> RegistrationSummary:
@@ -1004,7 +1005,7 @@ def register_model(
     )
 
 
-@task(name="emit_drift_event", version=STEP_VERSIONS["emit_drift_event"])
+@task(name="emit_drift_event", version=STEP_VERSIONS["emit_drift_event"], persist_result=False)
 def emit_drift_event(ctx: RunContext, data: DataRef, result: DriftResult) -> str | None:
     """Emit the Prefect event ``cubeline.drift.detected`` (a deployment trigger starts retrain).
 
