@@ -98,14 +98,10 @@ class MomentState:
         other = other.to(self.mean.device)
         n_a, n_b = self.n, other.n
         n = n_a + n_b
-        if n.item() == 0:
-            return self
-        if n_b.item() == 0:
-            return self
-        if n_a.item() == 0:
-            return other
+        # Branch-free, so merging on a GPU never waits for a device-to-host copy: an empty side
+        # gives w = 0 (keep self) or w = 1 (take other), exactly, since empty means are zeros.
         delta = other.mean - self.mean
-        w = n_b / n
+        w = n_b / n.clamp_min(1.0)
         mean = self.mean + delta * w
         m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (n_a * w)
         return MomentState(
@@ -221,10 +217,9 @@ class MomentAccumulator:
             self.state = self.state.to(x.device)
         # Shift by the running mean (or the batch head's mean at first) so the raw sums below
         # carry no large offset; it is fixed for this batch, so the chunks add up exactly.
-        if self.state.count > 0:
-            shift = self.state.mean
-        else:
-            shift = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
+        # (Chosen on the device: no host sync.)
+        head = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
+        shift = torch.where(self.state.n > 0, self.state.mean, head)
         if x.device.type == "cpu":
             ysum, gram, lo, hi = self._cpu_sums(x.detach().contiguous(), shift)
         else:
@@ -249,29 +244,30 @@ class MomentAccumulator:
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Column sums, Gram matrix and min/max of ``x - shift`` in float64 chunks (CUDA).
 
-        As on the CPU, the shifted float64 chunk sits next to a column of ones, so one GEMM
-        (accumulated in place) gives the Gram matrix and the column sums; the shift and the
-        conversion are one kernel writing straight into the reused buffer.
+        Per chunk: one kernel shifts and converts into a reused contiguous float64 buffer, one
+        GEMM accumulates the Gram matrix in place, and the column sums are read off the float32
+        input with float64 accumulation (half the bytes of summing the float64 copy).
         """
         c = self.num_channels
         chunk = min(self.chunk or (1 << 20), x.shape[0])
         buf = self._buf
         if buf is None or buf.shape[0] < chunk or buf.device != x.device:
-            buf = torch.empty(chunk, c + 1, dtype=_F64, device=x.device)
-            buf[:, c] = 1.0
+            buf = torch.empty(chunk, c, dtype=_F64, device=x.device)
             self._buf = buf
-        acc = torch.zeros(c + 1, c + 1, dtype=_F64, device=x.device)
+        gram = torch.zeros(c, c, dtype=_F64, device=x.device)
+        raw = torch.zeros(c, dtype=_F64, device=x.device)
         lo = hi = None
         for start in range(0, x.shape[0], chunk):
             xc = x[start : start + chunk]
-            b = buf[: xc.shape[0]]
-            torch.sub(xc, shift, out=b[:, :c])
-            acc.addmm_(b.T, b)
+            y = torch.sub(xc, shift, out=buf[: xc.shape[0]])
+            gram.addmm_(y.T, y)
+            raw += xc.sum(dim=0, dtype=_F64)
             if self.track_minmax:
                 clo, chi = torch.aminmax(xc, dim=0)
                 lo = clo if lo is None else torch.minimum(lo, clo)
                 hi = chi if hi is None else torch.maximum(hi, chi)
-        return (acc[c, :c].clone(), acc[:c, :c].clone(),
+        ysum = raw - shift * x.shape[0]
+        return (ysum, gram,
                 None if lo is None else lo.to(_F64), None if hi is None else hi.to(_F64))
 
     def _cpu_sums(
