@@ -37,7 +37,8 @@ def _params_path(args: argparse.Namespace) -> Path:
 def _quiet(verbose: bool) -> None:
     """Library chatter off unless ``-v``: the summary is the output."""
     level = "INFO" if verbose else "WARNING"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+    # Only the console is quieted: flow and task logs still reach the Prefect API (and UI).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", level)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(verbose).lower())
 
@@ -370,6 +371,12 @@ def _exit_fast(rc: int) -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None:
+        # Send the run's last logs while the API server is still up: the temporary server's
+        # exit handler may otherwise stop it before logging's own flush runs.
+        with contextlib.suppress(Exception):
+            handlers.APILogWorker.drain_all(timeout=5)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
