@@ -613,28 +613,28 @@ def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
         The state's DVC hash and the fit's figures.
 
     Raises:
-        ConfigError: ``phase1.sharding.runner`` is not ``inprocess`` (Dask comes later).
+        ConfigError: ``phase1.sharding`` asks for a runner that cannot start here.
     """
     from nodes.init_state import save_init_state
     from nodes.statistical_trainer import StatisticalTrainer
+    from tasks.sharding import shard_runner_scope
     from tasks.versioning import STATE_FILE, version_init_state
 
     p = ctx.params
-    if p.phase1.sharding.runner != "inprocess":
-        raise ConfigError(
-            f"params.yaml phase1.sharding.runner = {p.phase1.sharding.runner!r} is not "
-            "supported yet; use 'inprocess'"
-        )
     dm = _dm(ctx, data)
     pipeline = build_pipeline(p, data.channels)
-    trainer = StatisticalTrainer(
-        pipeline,
-        dm,
-        normal_only=p.phase1.normal_only,
-        sample_fraction=p.phase1.sample_fraction,
-        seed=p.phase1.seed,
-    )
-    report = trainer.fit()
+    # runner: inprocess gives None (the trainer's own loop); dask shards every pass over
+    # Prefect's DaskTaskRunner and merges the moment states exactly.
+    with shard_runner_scope(p.phase1.sharding, dm) as shard_runner:
+        trainer = StatisticalTrainer(
+            pipeline,
+            dm,
+            normal_only=p.phase1.normal_only,
+            sample_fraction=p.phase1.sample_fraction,
+            seed=p.phase1.seed,
+            shard_runner=shard_runner,
+        )
+        report = trainer.fit()
     val = trainer.validate()
     states = _states_dir(ctx)
     staging = states / f".staging-{uuid.uuid4().hex}"
@@ -644,7 +644,11 @@ def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
             staging / STATE_FILE,
             source_data_hash=data.data_hash,
             fit_report=report,
-            extra={"params_phase1": p.phase1.to_dict(), "params_pipeline": p.pipeline.to_dict()},
+            extra={
+                "params_phase1": p.phase1.to_dict(),
+                "params_pipeline": p.pipeline.to_dict(),
+                "val_metrics": {k: float(v) for k, v in val.items()},
+            },
         )
         state_hash = version_init_state(
             staging, root=Path(ctx.root), remote=p.dvc.remote, states_dir=states
@@ -811,6 +815,9 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
             },
         )
         _log_metrics(ctx, {"pixels": info.pixel_count, "passes": info.passes}, prefix="phase1/")
+        # Phase 1 alone on the validation frames, from the state itself: there whether Phase 1
+        # ran in this flow run, came from the cache or is the champion's.
+        _log_metrics(ctx, info.extra.get("val_metrics", {}), prefix="phase1/val/")
         _log_artifact(ctx, state_path, "init_state")
         _log_artifact(ctx, state_path.with_suffix(".json"), "init_state")
     return PipelineRef(

@@ -82,6 +82,7 @@ def test_retrain_end_to_end(trained: tuple[Path, object, str]) -> None:
         s.evaluation.metrics["metrics_anomaly/auroc"]  # type: ignore[attr-defined]
     )
     assert run.data.metrics["phase1/pixels"] > 0
+    assert 0 < run.data.metrics["phase1/val/metrics_anomaly/auroc"] <= 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"pipeline", "evaluation", "init_state"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
