@@ -57,9 +57,9 @@ class PipelineParams(ConfigModel):
 
 
 class ShardingParams(ConfigModel):
-    """Where Phase 1 runs (the Dask runner is a later issue; the knob is here already)."""
+    """Where Phase 1 runs: in this process, or sharded on Dask (ray: see docs/scaling.md)."""
 
-    runner: Literal["inprocess", "dask"] = "inprocess"
+    runner: Literal["inprocess", "dask", "ray"] = "inprocess"
     address: str | None = None
     n_shards: Annotated[int, Field(ge=1)] = 1
 
