@@ -17,7 +17,6 @@ Tasks and results are picklable (frozen dataclasses, tensors, Python scalars).
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import threading
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from nodes.errors import ConfigError, DataValidationError, PipelineError
 from nodes.pipeline import Pipeline
+from nodes.registry import load_builtin_nodes
 from nodes.statistical_trainer import PassOptions, accumulate_pass
 from nodes.stats import MomentState, merge_all
 
@@ -199,17 +199,6 @@ def split_frames(frame_ids: Sequence[int], n_shards: int) -> list[tuple[int, ...
 
 
 # ------------------------------------------------------------------------------------ worker
-#: Modules whose node classes register themselves on import. A fresh worker process has
-#: imported none of them, and the registry only knows classes already imported.
-BUILTIN_NODE_MODULES = ("nodes.data_node", "nodes.normalization", "nodes.selector", "nodes.pca",
-                        "nodes.rx", "nodes.heads", "nodes.losses", "nodes.metrics")
-
-
-def _register_builtin_nodes() -> None:
-    for module in BUILTIN_NODE_MODULES:
-        importlib.import_module(module)
-
-
 def rebuild_pipeline(config: Mapping[str, Any], state: Mapping[str, Tensor],
                      *, training: bool = True, device: str | torch.device = "cpu") -> Pipeline:
     """Rebuild a pipeline from its config and state dict, tensor for tensor.
@@ -226,7 +215,7 @@ def rebuild_pipeline(config: Mapping[str, Any], state: Mapping[str, Tensor],
         ConfigError: A node type is not registered in the worker.
         PipelineError: The rebuilt pipeline's state differs from the one sent.
     """
-    _register_builtin_nodes()
+    load_builtin_nodes()  # a fresh worker has imported none of the node modules yet
     pipe = Pipeline.from_config(config, source="shard task pipeline config")
     pipe.load_state_dict_resizing(state, source="shard task pipeline state")
     with torch.no_grad():
