@@ -237,6 +237,26 @@ def test_the_task_map_runs_any_function_as_prefect_tasks(dask_map: TaskRunnerMap
     assert dask_map(abs, [-3, 2, -1]) == [3, 2, 1]
 
 
+def _worker_env() -> dict[str, str | None]:
+    import os
+
+    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_",
+            "DO_NOT_TRACK", "PREFECT_API_URL")
+    return {k: os.environ.get(k) for k in keys}
+
+
+@pytest.mark.slow
+def test_local_workers_run_one_thread_without_telemetry(dask_map: TaskRunnerMap) -> None:
+    envs = dask_map.start().client.run(_worker_env)
+    assert len(envs) == 2
+    for env in envs.values():
+        threads = {env[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        assert threads == {"1"}
+        assert env["MALLOC_TRIM_THRESHOLD_"] is None  # glibc's adaptive defaults, as the driver
+        assert env["DO_NOT_TRACK"] == "true"
+        assert (env["PREFECT_API_URL"] or "").startswith("http://127.0.0.1:")
+
+
 # ---------------------------------------------------------------------------- configuration
 def test_inprocess_is_the_default_and_starts_nothing(frames: list[Path]) -> None:
     assert make_shard_runner(None, spec_of(frames, [0])) is None
