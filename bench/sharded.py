@@ -319,7 +319,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         cold: dict[str, float] = {}
-        for fmt in args.formats.split(","):
+        for fmt in [f for f in args.formats.split(",") if f]:
             t = time.perf_counter()
             paths = write_frames(root / fmt, args.cubes, args.size, args.channels,
                                  compressed=fmt == "compressed", seed=0)
@@ -334,7 +334,7 @@ def main() -> None:
                     cold[f"dask_{n}"] = round(time.perf_counter() - t, 2)
                     print(f"  cold start of {n}-worker cluster + first tiny fit: "
                           f"{cold[f'dask_{n}']} s", flush=True)
-            for kind in args.pipelines.split(","):
+            for kind in [k for k in args.pipelines.split(",") if k]:
                 entry = measure(maps, paths, kind, args, n_pix)
                 results[f"{fmt}/{kind}"] = entry
                 report_line(kind, entry)
