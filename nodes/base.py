@@ -57,6 +57,10 @@ class Node(nn.Module):
     MAIN_OUTPUT: ClassVar[str | None] = None
     #: Nodes that read the batch dict itself (data nodes) instead of input ports.
     consumes_batch: ClassVar[bool] = False
+    #: ``MAIN_OUTPUT`` is a fixed affine map of ``MAIN_INPUT`` once fitted (see affine_map).
+    AFFINE: ClassVar[bool] = False
+    #: That map carries per-channel min/max exactly (a positive per-channel scaling).
+    AFFINE_KEEPS_MINMAX: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None, execution_stages: Iterable[str] | None = None):
         super().__init__()
@@ -148,12 +152,12 @@ class Node(nn.Module):
     @property
     def is_affine(self) -> bool:
         """Whether ``MAIN_OUTPUT`` is a fixed affine map of ``MAIN_INPUT`` once fitted."""
-        return False
+        return self.AFFINE
 
     @property
     def affine_keeps_minmax(self) -> bool:
         """Whether the affine map carries per-channel min/max exactly (positive scaling)."""
-        return False
+        return self.AFFINE_KEEPS_MINMAX
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:
         """``(A, b, keeps_minmax)`` with ``MAIN_OUTPUT = A @ MAIN_INPUT + b`` per pixel, or None.

@@ -40,6 +40,8 @@ class ScoreToLogit(Node):
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("scale", "bias")
     MAIN_INPUT: ClassVar[str | None] = "scores"
+    AFFINE: ClassVar[bool] = True
+    AFFINE_KEEPS_MINMAX: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "logits"
 
     def __init__(self, init_scale: float = 1.0, init_bias: float = 0.0, standardize: bool = True,
@@ -66,14 +68,6 @@ class ScoreToLogit(Node):
         self.scale.fill_(self.init_scale / std)
         self.bias.fill_(self.init_bias)
         self._mark_fitted()
-
-    @property
-    def is_affine(self) -> bool:  # noqa: D102
-        return True
-
-    @property
-    def affine_keeps_minmax(self) -> bool:  # noqa: D102
-        return True
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:  # noqa: D102
         if not self.is_initialized:

@@ -39,6 +39,8 @@ class MinMaxNormalizer(Node):
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("running_min", "running_max")
     MAIN_INPUT: ClassVar[str | None] = "data"
+    AFFINE: ClassVar[bool] = True
+    AFFINE_KEEPS_MINMAX: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "normalized"
     running_min: Tensor
     running_max: Tensor
@@ -89,10 +91,6 @@ class MinMaxNormalizer(Node):
     @property
     def is_affine(self) -> bool:  # noqa: D102
         return self.use_running_stats
-
-    @property
-    def affine_keeps_minmax(self) -> bool:  # noqa: D102
-        return True
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:  # noqa: D102
         if not self.use_running_stats or not self.is_initialized:

@@ -34,6 +34,7 @@ class TrainablePCA(Node):
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("components",)
     MAIN_INPUT: ClassVar[str | None] = "data"
+    AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "projected"
     mean: Tensor
     components: Tensor
@@ -69,14 +70,6 @@ class TrainablePCA(Node):
         self.components = comps.to(dev, torch.float32).contiguous()
         self.explained_variance = evals[order].clamp_min(0).to(dev, torch.float32)
         self._mark_fitted()
-
-    @property
-    def is_affine(self) -> bool:  # noqa: D102
-        return True
-
-    @property
-    def affine_keeps_minmax(self) -> bool:  # noqa: D102
-        return False
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:  # noqa: D102
         if not self.is_initialized:

@@ -44,6 +44,7 @@ class SoftChannelSelector(Node):
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("channel_logits",)
     MAIN_INPUT: ClassVar[str | None] = "data"
+    AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "selected"
     channel_logits: Tensor
     temperature: Tensor
@@ -103,14 +104,6 @@ class SoftChannelSelector(Node):
     def selection_matrix(self) -> Tensor:
         """Softmax selection matrix (n_select, C)."""
         return torch.softmax(self.channel_logits / self.temperature, dim=-1)
-
-    @property
-    def is_affine(self) -> bool:  # noqa: D102
-        return True
-
-    @property
-    def affine_keeps_minmax(self) -> bool:  # noqa: D102
-        return False
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:  # noqa: D102
         if not self.is_initialized:
