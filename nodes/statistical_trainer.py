@@ -47,11 +47,6 @@ class FitReport:
     fitted: list[str] = field(default_factory=list)
     plan: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
-    @property
-    def throughput_mpix_s(self) -> float:
-        """Pixels of the first pass per second of the whole fit, in millions."""
-        return self.pixels / self.seconds / 1e6 if self.seconds > 0 else float("nan")
-
 
 def _as_samples(t: Tensor) -> Tensor:
     """Pixel rows: (B, H, W, C) → (N, C); (B, H, W) → (N, 1)."""

@@ -399,25 +399,14 @@ def git_commit(repo_root: Path) -> str:
     carried by the data/params hashes alone.
     """
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # status must not take index.lock
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True,
+                              check=True, timeout=30, env=env).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo_root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-            env=env,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=repo_root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-            env=env,
-        ).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain")
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return "unknown"
     return f"{head}+dirty" if status else head
