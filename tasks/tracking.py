@@ -229,7 +229,7 @@ def configure_mlflow(
     Defaults to a SQLite store ``<repo_root>/mlflow.db`` and artifacts under
     ``<repo_root>/mlartifacts``, both absolute so that a flow started from another working
     directory writes to the same place. An ``http(s)://`` URI is probed first and must answer
-    within ~3 s.
+    within ~3 s; its experiments keep the server's artifact store.
 
     Args:
         tracking_uri: MLflow tracking URI, or None for the local SQLite default. A relative
@@ -269,7 +269,9 @@ def configure_mlflow(
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri or uri)
-    artifact_root = (repo_root / "mlartifacts").as_uri()
+    # Local artifacts only beside a local SQLite store: a tracking server serves (or proxies)
+    # its own artifact store, which a path on this machine would bypass.
+    artifact_root = (repo_root / "mlartifacts").as_uri() if db_path is not None else None
     try:
         # The first client call creates/migrates a fresh SQLite schema; two processes doing it at
         # once fail ("duplicate column"), so store initialization is serialized.
@@ -283,8 +285,8 @@ def configure_mlflow(
     return uri
 
 
-def _open_experiment(experiment_name: str, artifact_root: str, warn: bool) -> None:
-    """Create the experiment with our artifact root, or reuse (and restore) it."""
+def _open_experiment(experiment_name: str, artifact_root: str | None, warn: bool) -> None:
+    """Create the experiment with our artifact root (None: the server's), or reuse it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -300,7 +302,7 @@ def _open_experiment(experiment_name: str, artifact_root: str, warn: bool) -> No
     else:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
-        if experiment.artifact_location != artifact_root and warn:
+        if artifact_root and experiment.artifact_location != artifact_root and warn:
             # An experiment's artifact location is fixed at creation; say where runs go.
             _log.warning(
                 "MLflow experiment %r keeps its artifact location %s (not %s)",

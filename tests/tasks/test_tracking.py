@@ -80,6 +80,50 @@ def test_relative_sqlite_uri_is_taken_relative_to_the_repo(store: tuple[Path, st
     assert mlflow.get_tracking_uri() == uri == mlflow.get_registry_uri()
 
 
+@pytest.mark.slow
+def test_tracking_server_keeps_its_own_artifact_store(tmp_path: Path) -> None:
+    """Against a real ``mlflow server``, artifacts go to the server's store, not the repo."""
+    import urllib.request
+
+    import mlflow
+
+    port = _closed_port()
+    served = tmp_path / "served-artifacts"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(served), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited early"
+                assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
+                time.sleep(0.5)
+        repo = tmp_path / "repo"
+        assert configure_mlflow(uri, repo, experiment_name="served") == uri
+        exp = mlflow.get_experiment_by_name("served")
+        assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
+        with mlflow.start_run() as run:
+            mlflow.log_text("hello", "note.txt")
+        assert not (repo / "mlartifacts").exists()
+        assert [p.name for p in served.rglob("note.txt")] == ["note.txt"]
+        assert run.info.run_id in str(next(served.rglob("note.txt")))
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
