@@ -12,14 +12,19 @@ importing ``tasks.pyfunc_model`` normally has no side effect. The file therefore
 from ``tasks`` at module level (``tasks`` is not shipped with the model).
 
 Requirements are given explicitly, pinned to the versions installed at logging time: MLflow's
-inference of them costs ~9 s per call here (``../shared/STACK.md``).
+inference of them costs ~9 s per call here (``../shared/STACK.md``). MLflow then checks those pins
+against the environment (at logging and at loading) by mapping every installed distribution's
+files to modules, 1.0-1.3 s per process here; :func:`_direct_requirement_check` answers the same
+question with one ``importlib.metadata.version`` lookup per pin.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +47,7 @@ __all__ = [
     "load_champion_model",
     "log_pipeline_model",
     "pinned_requirements",
+    "requirement_mismatches",
 ]
 
 PIPELINE_CONFIG_ARTIFACT = "pipeline_config"
@@ -172,6 +178,69 @@ def pinned_requirements() -> list[str]:
     return reqs
 
 
+def requirement_mismatches(requirements: Sequence[str]) -> list[str]:
+    """The requirements the running environment does not satisfy, as readable lines.
+
+    Each ``name[extras] <specifier>`` is compared with ``importlib.metadata.version(name)``;
+    lines that are not plain requirements (``-r file``, URLs, paths) and requirements whose
+    environment marker excludes this interpreter are skipped, as MLflow's own check does.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    found = []
+    for line in requirements:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            installed = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{req.name} (current: uninstalled, required: {line})")
+            continue
+        if req.specifier and not req.specifier.contains(installed, prereleases=True):
+            found.append(f"{req.name} (current: {installed}, required: {line})")
+    return found
+
+
+def _warn_mismatches(requirements: list[str]) -> None:
+    mismatches = requirement_mismatches(requirements)
+    if mismatches:
+        logging.getLogger("mlflow.utils.requirements_utils").warning(
+            "The model's requirements are not satisfied by this Python environment:\n - %s\n"
+            "Fix: install the model's pinned requirements "
+            "(mlflow.pyfunc.get_model_dependencies(model_uri)).",
+            "\n - ".join(mismatches),
+        )
+
+
+@contextmanager
+def _direct_requirement_check() -> Iterator[None]:
+    """Within the block, MLflow checks model requirements with :func:`requirement_mismatches`.
+
+    MLflow warns when the environment does not satisfy a model's requirements, when logging
+    and when loading it; its check first maps every installed distribution's files to
+    modules (``packages_distributions``, 1.0-1.3 s per process here) although requirements
+    name distributions, which ``importlib.metadata.version`` looks up directly. The swap is
+    undone on exit; if MLflow no longer has the function where expected, its own check runs.
+    """
+    import mlflow.pyfunc as pyfunc_module
+    import mlflow.utils.environment as env_module
+
+    name = "warn_dependency_requirement_mismatches"
+    modules = [m for m in (env_module, pyfunc_module) if callable(getattr(m, name, None))]
+    saved = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, _warn_mismatches)
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved, strict=True):
+            setattr(m, name, fn)
+
+
 def _example(input_example: np.ndarray) -> np.ndarray:
     from nodes.errors import DataValidationError
 
@@ -256,19 +325,20 @@ def log_pipeline_model(
                 name=pipeline_name or pipeline.name, description=description, tags=list(tags)
             ),
         )
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(Path(__file__).resolve()),
-            artifacts={
-                PIPELINE_CONFIG_ARTIFACT: str(config_path),
-                PIPELINE_WEIGHTS_ARTIFACT: str(weights_path),
-            },
-            code_paths=[str(Path(nodes.__file__).resolve().parent)],
-            model_config={"outputs": outs},
-            signature=signature,
-            input_example={"cube": example},
-            pip_requirements=list(pip_requirements or pinned_requirements()),
-        )
+        with _direct_requirement_check():
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).resolve()),
+                artifacts={
+                    PIPELINE_CONFIG_ARTIFACT: str(config_path),
+                    PIPELINE_WEIGHTS_ARTIFACT: str(weights_path),
+                },
+                code_paths=[str(Path(nodes.__file__).resolve().parent)],
+                model_config={"outputs": outs},
+                signature=signature,
+                input_example={"cube": example},
+                pip_requirements=list(pip_requirements or pinned_requirements()),
+            )
 
 
 def load_champion_model(model_name: str, alias: str = "champion") -> PyFuncModel:
@@ -285,7 +355,8 @@ def load_champion_model(model_name: str, alias: str = "champion") -> PyFuncModel
             f"{mlflow.get_registry_uri()}. Fix: run `cubeline run` (it registers and promotes "
             "a model), or check the model name in params.yaml (registry.model_name)."
         )
-    return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
+    with _direct_requirement_check():
+        return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")
 
 
 def load_champion(model_name: str, alias: str = "champion") -> Pipeline:

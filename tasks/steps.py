@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -517,12 +517,12 @@ def tracked_run(
         flat = flatten_params(params.to_dict())
         mlflow.log_params(flat)
         yield ctx
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+    except BaseException as exc:
+        with suppress(Exception):  # the body's error is the one to report
+            mlflow.flush_async_logging()
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
+    mlflow.flush_async_logging()  # metrics queued asynchronously (per-epoch logging)
     mlflow.end_run("FINISHED")
 
 

@@ -204,3 +204,44 @@ def test_model_loads_where_cubeline_is_not_installed(
     np.testing.assert_array_equal(
         np.load(tmp_path / "scores.npy"), _reference(fitted, cubes)["scores"]
     )
+
+
+def test_requirement_mismatches_looks_up_each_pin() -> None:
+    import importlib.metadata
+
+    from tasks.pyfunc_model import pinned_requirements, requirement_mismatches
+
+    assert requirement_mismatches(pinned_requirements()) == []
+    numpy_version = importlib.metadata.version("numpy")
+    found = requirement_mismatches(
+        [
+            "numpy==0.0.1",
+            f"numpy=={numpy_version}",
+            "surely-not-installed-cubeline-pkg>=1",
+            "-r requirements.txt",  # not a requirement line: skipped, as MLflow does
+            'numpy==0.0.1; python_version < "3"',  # marker excludes this interpreter
+        ]
+    )
+    assert found == [
+        f"numpy (current: {numpy_version}, required: numpy==0.0.1)",
+        "surely-not-installed-cubeline-pkg (current: uninstalled, required: "
+        "surely-not-installed-cubeline-pkg>=1)",
+    ]
+
+
+def test_direct_requirement_check_warns_and_is_undone(caplog: pytest.LogCaptureFixture) -> None:
+    import mlflow.pyfunc
+    import mlflow.utils.environment
+
+    from tasks.pyfunc_model import _direct_requirement_check
+
+    name = "warn_dependency_requirement_mismatches"
+    before = getattr(mlflow.utils.environment, name), getattr(mlflow.pyfunc, name)
+    with _direct_requirement_check():
+        swapped = getattr(mlflow.utils.environment, name)
+        assert swapped is not before[0]
+        assert getattr(mlflow.pyfunc, name) is swapped
+        with caplog.at_level("WARNING"):
+            swapped(["numpy==0.0.1"])
+    assert (getattr(mlflow.utils.environment, name), getattr(mlflow.pyfunc, name)) == before
+    assert "numpy (current:" in caplog.text and "required: numpy==0.0.1" in caplog.text
