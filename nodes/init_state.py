@@ -62,8 +62,20 @@ def _data_root(report: FitReport) -> str:
 
 
 def save_init_state(pipeline: Pipeline, path: str | Path, *, source_data_hash: str,
-                    fit_report: FitReport, extra: dict[str, Any] | None = None) -> InitStateInfo:
-    """Write ``path`` (.pt) and ``path`` with suffix ``.json``; returns the metadata."""
+                    fit_report: FitReport, extra: dict[str, Any] | None = None,
+                    record_time: bool = True) -> InitStateInfo:
+    """Write ``path`` (.pt) and ``path`` with suffix ``.json``; returns the metadata.
+
+    Args:
+        pipeline: The fitted pipeline.
+        path: Target ``.pt`` file (the sidecar goes beside it).
+        source_data_hash: Content hash of the data the statistics came from.
+        fit_report: The fit's report (its root moments are stored for drift checks).
+        extra: Free-form metadata for the sidecar.
+        record_time: Write the creation time into the sidecar. Pass False where the state is
+            content-addressed (versioned by the hash of both files): then the same fit of the
+            same data gives the same hash, and the time lives with whoever records the hash.
+    """
     path = Path(path)
     stat_nodes = [n for n in pipeline.node_list() if n.requires_initial_fit]
     for n in stat_nodes:
@@ -83,7 +95,7 @@ def save_init_state(pipeline: Pipeline, path: str | Path, *, source_data_hash: s
     info = InitStateInfo(
         format=STATE_FORMAT,
         version=_cubeline_version(),
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds") if record_time else "",
         source_data_hash=source_data_hash,
         pixel_count=fit_report.root_moments[root].count,
         passes=fit_report.passes,

@@ -644,6 +644,7 @@ def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
             staging / STATE_FILE,
             source_data_hash=data.data_hash,
             fit_report=report,
+            record_time=False,  # content-addressed: same fit, same hash (MLflow has the time)
             extra={
                 "params_phase1": p.phase1.to_dict(),
                 "params_pipeline": p.pipeline.to_dict(),

@@ -100,6 +100,8 @@ def test_fit_then_unfreeze_from_the_versioned_state(
     assert init.state_hash.endswith(".dir") and init.source_data_hash == data.data_hash
     assert init.pixel_count == 30000 - (144 + 87 + 170)  # normal-only training pixels
     assert 0.0 < init.val_metrics["metrics_anomaly/auroc"] <= 1.0
+    # Content-addressed: fitting the same data with the same params again gives the same hash.
+    assert fit_statistics.fn(_ctx(repo), data).state_hash == init.state_hash
     ref = unfreeze.fn(_ctx(repo, run_dir=str(tmp_path)), data, init.state_hash, reused=False)
     assert set(ref.unfrozen) == {"selector", "rx", "logit_head"}
     assert ref.trainable_parameters > 0
