@@ -511,9 +511,14 @@ def make_lightning_logger(run_id: str, tracking_uri: str) -> MLFlowLogger:
                 self._scan_and_log_checkpoints(self._checkpoint_callback)
             import mlflow
 
-            # The logger's client and the fluent API share one store object per tracking URI.
+            # The logger's client and the fluent API share one store object per tracking URI:
+            # flush that one, then leave the process's tracking URI as it was.
+            previous = mlflow.get_tracking_uri()
             mlflow.set_tracking_uri(tracking_uri)
-            mlflow.flush_async_logging()
+            try:
+                mlflow.flush_async_logging()
+            finally:
+                mlflow.set_tracking_uri(previous)
 
     return _RunAttachedMLFlowLogger(run_id=run_id, tracking_uri=tracking_uri, synchronous=False)
 
