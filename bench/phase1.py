@@ -489,7 +489,8 @@ def main() -> None:
     # ---- RX scoring
     px = 64 * 64 if args.quick else 512 * 512
     rx_figs = [rx_throughput(c, px, args.repeats) for c in (61, 205)]
-    print("RX scoring (RXGlobal.forward, float32 in, float64 inside), best of", args.repeats)
+    print("RX scoring (RXGlobal.forward, float32 in, float32 product of float64 statistics), "
+          "best of", args.repeats)
     for f in rx_figs:
         print(f"  C = {f['channels']:3d}: {f['pixels']} px in {f['s'] * 1e3:.1f} ms = "
               f"{f['mpix_s']:.2f} Mpix/s")
