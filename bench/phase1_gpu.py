@@ -5,11 +5,17 @@ from device-resident batches and end to end from pinned host memory, plus RX sco
 at C = 61 and C = 205. Under ``torchrun --nproc_per_node 2``: every rank folds in its shard of
 the batches, the moment states are all-gathered and merged, and rank 0 compares the result with a
 single-process fit of the same data. Prints one JSON object on its last line.
+
+Besides the fit: the pass alone and the rest of the fit (``phase1_pass_only_gpix_s``,
+``phase1_fit_minus_pass_ms``), the accumulator alone on its fused and torch paths, and the fused
+path's largest relative difference from the float64 CPU path. ``--sweep`` times the fused
+kernel's launch settings; ``--profile`` prints a torch.profiler table of one fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -25,7 +31,7 @@ from nodes import (
     SoftChannelSelector,
     StatisticalTrainer,
 )
-from nodes.stats import MomentState
+from nodes.stats import MomentAccumulator, MomentState
 
 
 def chain(c: int, n_select: int = 10) -> Pipeline:
@@ -67,6 +73,28 @@ def single(args: argparse.Namespace) -> dict[str, object]:
                                      chunk_pixels=chunk)
         t = timed(trainer.fit)
         out[f"phase1_resident_gpix_s_chunk{chunk}"] = round(pixels / t / 1e9, 3)
+    # where a fit's time goes: its pass alone (forward + accumulate) and the rest (node fits)
+    p = chain(61).to(dev)
+    trainer = StatisticalTrainer(pipeline=p, datamodule=TensorBatches(cubes, 16))
+    t_fit = timed(trainer.fit)
+    t_pass = timed(lambda: trainer._run_pass(["data.cube"]))
+    out["phase1_pass_only_gpix_s"] = round(pixels / t_pass / 1e9, 3)
+    out["phase1_fit_minus_pass_ms"] = round((t_fit - t_pass) * 1e3, 3)
+    # the accumulator alone over the same batches (fresh state each time, as a fit has)
+    batches = [cubes[i : i + 16].reshape(-1, 61) for i in range(0, cubes.shape[0], 16)]
+    paths = [("", {})]
+    if "fused" in inspect.signature(MomentAccumulator).parameters:  # absent before the kernel
+        paths.append(("_torch_path", {"fused": False}))
+    for label, kw in paths:
+        def accumulate(kw: dict[str, bool] = kw) -> None:
+            acc = MomentAccumulator(61, device=dev, **kw)
+            for b in batches:
+                acc.update(b)
+            acc.finalize()
+        t = timed(accumulate)
+        out[f"accumulator_resident_gpix_s{label}"] = round(pixels / t / 1e9, 3)
+    if dev == "cuda":
+        out.update(fused_vs_cpu(cubes))
     # raw GEMM bound: one float64 X^T X over the same pixels
     x = cubes.reshape(-1, 61).double()
     t = timed(lambda x=x: x.T @ x)
@@ -87,6 +115,63 @@ def single(args: argparse.Namespace) -> dict[str, object]:
             t = timed(lambda rx=rx, data=data: rx(data=data))
         out[f"rx_score_c{c}_gpix_s"] = round(data.shape[0] * 256 * 256 / t / 1e9, 3)
     return out
+
+
+def fused_vs_cpu(cubes: torch.Tensor) -> dict[str, object]:
+    """Largest relative difference of the CUDA accumulator's state from the float64 CPU path."""
+    x = cubes[:16].reshape(-1, cubes.shape[-1])
+    cpu = MomentState.from_samples(x.cpu())
+    gpu = MomentState.from_samples(x).to("cpu")
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    return {"accumulator_vs_cpu_max_rel_diff": max(rel(gpu.m2, cpu.m2), rel(gpu.mean, cpu.mean)),
+            "accumulator_vs_cpu_minmax_equal": bool(torch.equal(gpu.min, cpu.min)
+                                                     and torch.equal(gpu.max, cpu.max))}
+
+
+def sweep(args: argparse.Namespace) -> dict[str, object]:
+    """Time the fused kernel's launch settings on one batch of 16 cubes (C = 61)."""
+    from nodes import stats_cuda
+
+    x = make_cubes_torch(16, 256, 61, seed=0, device="cuda").reshape(-1, 61)
+    shift = x[:4096].double().mean(0)
+    res: dict[str, object] = {}
+    configs = [(bn, w, p, pf) for bn in (16, 32) for w in (2, 4) for p in (2, 4, 8)
+               for pf in (False, True)] + [(64, 4, 2, False), (64, 8, 1, True), (64, 8, 2, True)]
+    for block_n, warps, per_sm, prefetch in configs:
+        def run(block_n: int = block_n, warps: int = warps, per_sm: int = per_sm,
+                prefetch: bool = prefetch) -> None:
+            stats_cuda.moment_sums(x, shift, block_n=block_n, num_warps=warps,
+                                   programs_per_sm=per_sm, prefetch=prefetch)
+        key = f"bn{block_n}_w{warps}_p{per_sm}_pf{int(prefetch)}"
+        try:
+            run()
+            t = timed(run, repeats=10)
+        except Exception as e:  # a setting that does not compile
+            res[key] = type(e).__name__
+            continue
+        res[key] = round(x.shape[0] / t / 1e9, 3)
+    return res
+
+
+def profile_fit(args: argparse.Namespace) -> None:
+    """Print a torch.profiler table of one resident Phase-1 fit (after a warm-up fit)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cubes = make_cubes_torch(args.n_cubes, 256, 61, seed=0, device="cuda")
+    p = chain(61).to("cuda")
+    trainer = StatisticalTrainer(pipeline=p, datamodule=TensorBatches(cubes, 16))
+    trainer.fit()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.fit()
+        sync()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
 
 def distributed(args: argparse.Namespace) -> dict[str, object] | None:
@@ -129,7 +214,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-cubes", type=int, default=64)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sweep", action="store_true", help="time the fused kernel's settings")
+    ap.add_argument("--profile", action="store_true", help="profile one resident fit")
+    ap.add_argument("--trace", default="", help="with --profile: write a Chrome trace here")
     args = ap.parse_args()
+    if args.sweep:
+        print(json.dumps(sweep(args)))
+        return
+    if args.profile:
+        profile_fit(args)
+        return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         res = distributed(args)
         if res is not None:

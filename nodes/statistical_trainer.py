@@ -100,6 +100,19 @@ def _width_of(pipeline: Pipeline, root: str) -> int:
     return width
 
 
+def _to_host(state: MomentState) -> MomentState:
+    """The state on the CPU, in one device-to-host copy (the identity on the CPU)."""
+    if state.mean.device.type == "cpu":
+        return state
+    c = state.num_channels
+    flat = torch.cat([state.n.reshape(1), state.mean, state.m2.reshape(-1), state.min,
+                      state.max]).cpu()
+    parts = flat.split([1, c, c * c, c, c])
+    return MomentState(n=parts[0].reshape(()).clone(), mean=parts[1].clone(),
+                       m2=parts[2].reshape(c, c).clone(), min=parts[3].clone(),
+                       max=parts[4].clone())
+
+
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
@@ -314,7 +327,9 @@ class StatisticalTrainer:
             if not ready:  # cannot happen in a DAG; guard against an endless loop
                 raise PipelineError(f"cannot order the statistical nodes {sorted(pending_names)}")
             roots = sorted({plans[n.name][0] for n in ready})
-            moments = self._run_pass(roots)
+            # The nodes are fitted from host copies of the moments: a few tiny float64
+            # operations each, which on a GPU would cost a launch (and often a sync) apiece.
+            moments = {r: _to_host(m) for r, m in self._run_pass(roots).items()}
             report.passes += 1
             if report.passes == 1:
                 report.pixels = moments[roots[0]].count
@@ -325,16 +340,23 @@ class StatisticalTrainer:
                         f"only {state.count} training pixels reached {root}; Phase 1 needs more "
                         "(check train_ids, normal_only and sample_fraction)"
                     )
-                report.root_moments[root] = state.to("cpu")
+                report.root_moments[root] = state
+            # Each chain node's affine map is read once a pass, onto the moments' device: a node
+            # is fitted (in topological order) before any node downstream asks for its map.
+            maps: dict[str, tuple[Tensor, Tensor | None, bool]] = {}
             with torch.no_grad():
                 for node in sorted(ready, key=lambda n: order.index(n.name)):
                     root, chain = plans[node.name]
-                    m = moments[root].to(self.device)
+                    m = moments[root]
                     for cname in chain:
-                        amap = p.nodes[cname].affine_map()  # type: ignore[operator]
-                        if amap is None:
-                            raise PipelineError(f"node {cname!r} is not fitted yet")
-                        a, b, keeps = amap
+                        if cname not in maps:
+                            amap = p.nodes[cname].affine_map()  # type: ignore[operator]
+                            if amap is None:
+                                raise PipelineError(f"node {cname!r} is not fitted yet")
+                            a, b, keeps = amap
+                            dev = m.mean.device
+                            maps[cname] = (a.to(dev), None if b is None else b.to(dev), keeps)
+                        a, b, keeps = maps[cname]
                         m = m.affine(a, b, keeps_minmax=keeps)
                     node.fit_from_moments(m)
                     report.fitted.append(node.name)

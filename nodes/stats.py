@@ -15,6 +15,7 @@ chain of statistical nodes linked by affine nodes (see :mod:`nodes.statistical_t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -173,6 +174,24 @@ class MomentState:
         return cls(*(d[k].to(_F64) for k in ("n", "mean", "m2", "min", "max")))
 
 
+_FUSED: ModuleType | None = None
+_FUSED_TRIED = False
+
+
+def _fused_backend() -> ModuleType | None:
+    """:mod:`nodes.stats_cuda` (the fused Triton kernel), or None where Triton is missing."""
+    global _FUSED, _FUSED_TRIED
+    if not _FUSED_TRIED:
+        _FUSED_TRIED = True
+        try:
+            from nodes import stats_cuda
+        except ImportError:
+            _FUSED = None
+        else:
+            _FUSED = stats_cuda
+    return _FUSED
+
+
 class MomentAccumulator:
     """Streaming accumulator of :class:`MomentState` with ``update / merge / finalize``.
 
@@ -183,12 +202,18 @@ class MomentAccumulator:
     batch's state is merged with the Chan et al. formula. Per pixel that is the cost of
     ``X^T X`` plus a cheap copy.
 
+    On CUDA, where Triton is installed, one fused kernel (:mod:`nodes.stats_cuda`) reads each
+    sample once and sums the same float64 quantities (no scratch copy; ``chunk`` does not apply);
+    elsewhere the torch path below runs.
+
     Args:
         num_channels: Number of channels C.
         device: Device of the state.
         chunk: Pixels per GEMM; bounds the float64 scratch buffer to ``chunk * C * 8`` bytes.
             Default: 8192 on the CPU (cache-resident), 1048576 on CUDA (fewer launches).
         track_minmax: Also track per-channel min/max.
+        fused: Use the fused Triton kernel for CUDA samples where it is available; False keeps
+            the torch path (chunked float64 GEMMs).
     """
 
     def __init__(
@@ -198,12 +223,16 @@ class MomentAccumulator:
         device: torch.device | str | None = None,
         chunk: int | None = None,
         track_minmax: bool = True,
+        fused: bool = True,
     ) -> None:
         self.num_channels = num_channels
         self.chunk = chunk
         self.track_minmax = track_minmax
+        self.fused = fused
         self.state = MomentState.empty(num_channels, device=device)
         self._buf: Tensor | None = None
+        # (state, its sample count) as last set by update: spares a device read of n.
+        self._count: tuple[MomentState, int] | None = (self.state, 0)
 
     def update(self, x: Tensor) -> None:
         """Fold samples ``x`` of shape (N, C) (any float dtype) into the state."""
@@ -213,23 +242,28 @@ class MomentAccumulator:
             )
         if x.shape[0] == 0:
             return
+        known = self._known_count()
         if x.device != self.state.mean.device:
             self.state = self.state.to(x.device)
-        # Shift by the running mean (or the batch head's mean at first) so the raw sums below
-        # carry no large offset; it is fixed for this batch, so the chunks add up exactly.
-        # (Chosen on the device: no host sync.)
-        head = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
-        shift = torch.where(self.state.n > 0, self.state.mean, head)
+        shift = self._shift(x, known)
+        n = x.shape[0]
+        fused = _fused_backend() if x.is_cuda and self.fused else None
+        if fused is not None and fused.supports(x):
+            # One read of x; the batch's state is built and merged on the device (no host sync).
+            self.state = MomentState(*fused.fold(self.state._tensors(), x.detach(), shift,
+                                                 track_minmax=self.track_minmax))
+            self._count = None if known is None else (self.state, known + n)
+            return
         if x.device.type == "cpu":
             ysum, gram, lo, hi = self._cpu_sums(x.detach().contiguous(), shift)
         else:
             ysum, gram, lo, hi = self._torch_sums(x.detach(), shift)
-        n = x.shape[0]
         ybar = ysum / n
         m2 = gram - torch.outer(ybar, ybar) * n
         c = self.num_channels
         batch = MomentState(
-            n=torch.tensor(float(n), dtype=_F64, device=x.device),
+            # torch.full, not torch.tensor: a host-to-device copy would wait for the GPU.
+            n=torch.full((), float(n), dtype=_F64, device=x.device),
             mean=shift + ybar,
             m2=(m2 + m2.T) * 0.5,
             min=lo if lo is not None else torch.full((c,), float("inf"), dtype=_F64,
@@ -238,6 +272,31 @@ class MomentAccumulator:
                                                      device=x.device),
         )
         self.state = self.state.merge(batch)
+        self._count = None if known is None else (self.state, known + n)
+
+    def _known_count(self) -> int | None:
+        """Samples in the state, where the host knows them without reading the device.
+
+        Known while the state is the empty start or the one the last update left; None after a
+        merge, a load or an outside assignment.
+        """
+        if self._count is not None and self._count[0] is self.state:
+            return self._count[1]
+        return None
+
+    def _shift(self, x: Tensor, known: int | None) -> Tensor:
+        """Reference point of a batch: the running mean, or the batch head's mean at first.
+
+        Subtracted before the sums so they carry no large offset; it is fixed for the batch, so
+        the chunks add up exactly. Where the host does not know whether the state is empty, the
+        choice is made on the device (no host sync).
+        """
+        if known is not None and known > 0:
+            return self.state.mean
+        head = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
+        if known == 0:
+            return head
+        return torch.where(self.state.n > 0, self.state.mean, head)
 
     def _torch_sums(
         self, x: Tensor, shift: Tensor

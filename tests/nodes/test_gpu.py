@@ -33,13 +33,20 @@ def _dm() -> CubeDataModule:
                                       test_ids=[5], batch_size=2)
 
 
-def test_accumulator_on_cuda_equals_cpu() -> None:
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_accumulator_on_cuda_equals_cpu(fused: bool) -> None:
     x = torch.randn(300_000, 61, dtype=torch.float32) * 3 + 10
-    cpu, gpu = MomentAccumulator(61), MomentAccumulator(61, chunk=65_536)
-    cpu.update(x)
-    gpu.update(x.cuda())
+    cpu, gpu = MomentAccumulator(61), MomentAccumulator(61, chunk=65_536, fused=fused)
+    for part in (x[:100_000], x[100_000:100_001], x[100_001:]):  # several batches: merges too
+        cpu.update(part)
+        gpu.update(part.cuda())
     a, b = cpu.finalize(), gpu.finalize().to("cpu")
     assert torch.allclose(a.m2, b.m2, rtol=1e-10, atol=0)
+    assert _max_rel(b.m2, a.m2) <= 1e-12 and _max_rel(b.mean, a.mean) <= 1e-12
     assert torch.allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
     assert torch.equal(a.min, b.min) and torch.equal(a.max, b.max)
 
