@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -518,11 +518,8 @@ def tracked_run(
         mlflow.log_params(flat)
         yield ctx
     except BaseException as exc:
-        with suppress(Exception):  # the body's error is the one to report
-            mlflow.flush_async_logging()
         mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    mlflow.flush_async_logging()  # metrics queued asynchronously (per-epoch logging)
     mlflow.end_run("FINISHED")
 
 

@@ -422,3 +422,31 @@ def test_lightning_logger_writes_epochs_into_the_flow_run(
     assert params["hidden"] == "from-params-yaml"
     assert params["lightning.hidden"] == "4" and params["lightning.params.lr"] == "0.1"
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in history]  # Lightning's global steps survive the buffering
+    assert steps == sorted(set(steps)) and steps[0] > 0
+
+
+def test_lightning_logger_buffers_metrics_until_the_interval_or_finalize(
+    store: tuple[Path, str],
+) -> None:
+    import mlflow
+
+    from tasks.tracking import make_lightning_logger
+
+    _, uri = store
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as run:
+        rid = run.info.run_id
+        buffered = make_lightning_logger(rid, uri, flush_interval_s=3600.0)
+        buffered.log_metrics({"val/iou": 0.5, "bad key!": 1.0}, step=0)
+        buffered.log_metrics({"val/iou": 0.6}, step=1)
+        assert client.get_metric_history(rid, "val/iou") == []  # still buffered
+        buffered.finalize("failed")  # Lightning's call when fit raises: nothing is lost
+        assert [(m.step, m.value) for m in client.get_metric_history(rid, "val/iou")] == [
+            (0, 0.5),
+            (1, 0.6),
+        ]
+        assert [m.value for m in client.get_metric_history(rid, "bad key")] == [1.0]
+        live = make_lightning_logger(rid, uri, flush_interval_s=0.0)
+        live.log_metrics({"train/loss": 2.0}, step=0)
+        assert [m.value for m in client.get_metric_history(rid, "train/loss")] == [2.0]
