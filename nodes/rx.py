@@ -6,13 +6,16 @@ The score of a pixel is its squared Mahalanobis distance to the background,
 which matters on the nearly singular covariances of adjacent bands. ``L^{-1}`` comes from one
 triangular solve against the identity (C x C, cached while the factor does not change), so scoring
 a batch is a single matrix product instead of a row-by-row substitution (on the CPU without
-autograd, in cache-sized chunks of rows: shift, product and row norm per chunk). The factor
+autograd, in large blocks of rows through reused work buffers). The factor
 is also the Phase-2 parameterization of the precision: ``L L^T`` stays symmetric positive
 definite whatever the optimizer does to the lower triangle (the diagonal enters by magnitude).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -25,9 +28,8 @@ from nodes.registry import register_node
 from nodes.stats import MomentState
 
 _F64 = torch.float64
-#: Rows per scoring chunk on the CPU: this many bytes of the shifted chunk (and as many of its
-#: product), so both stay in cache until the chunk's row norms are taken.
-_CHUNK_BYTES = 2 << 20
+#: CPU scoring works on blocks of rows of at most this many bytes per work buffer (two buffers).
+_BLOCK_BYTES = 8 << 20
 _SCORE_DTYPES = ("auto", "float64", "float32")
 
 
@@ -193,25 +195,59 @@ class RXGlobal(Node):
 def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) -> Tensor:
     """``||W (x - mu_hi) + bias||^2`` per row of ``x`` (N, C), in ``w.dtype``, without autograd.
 
-    Rows go in chunks of about :data:`_CHUNK_BYTES` through two reused buffers, so that the shifted
-    chunk and its product stay in cache: per chunk one read of ``x`` (conversion and shift in one
-    op), one GEMM and one row-norm reduction, instead of several full passes over N x C; the
-    norms are squared once at the end (1 ulp of rounding). Three parallel regions per chunk, which
-    also matters on a busy machine, where every thread barrier can wait for a descheduled core.
+    Per block of rows (:data:`_BLOCK_BYTES` per work buffer): the shift (with the conversion, one
+    op) into one work buffer, one GEMM into the other, one row-norm reduction into the output; the
+    norms are squared once at the end (1 ulp of rounding). Instead of full passes over N x C that
+    each write a fresh tensor: fresh buffers of a whole batch cost more in page faults than the
+    GEMM, so the work buffers are the process's reused scratch (:func:`_work_buffers`).
+
+    The block size is a compromise measured on a 2-core VM (262 144 x 61 float32 pixels, 2
+    threads): 2 MiB blocks stay in cache and are as fast when the machine is quiet (19 ms), but
+    each op is a parallel region ending in a thread barrier, and on an oversubscribed machine
+    their ~90 barriers per batch each wait for a descheduled thread (seen: up to 1 s); one
+    64 MiB block is steadiest under load but 35 % slower when quiet (27 ms). 8 MiB: 20 ms quiet.
     """
     n, c = x.shape
-    rows = max(256, min(n, _CHUNK_BYTES // max(1, c * w.element_size())))
-    diff = torch.empty(rows, c, dtype=w.dtype)
-    z = torch.empty(rows, c, dtype=w.dtype)
-    out = torch.empty(n, dtype=w.dtype)
+    dtype = w.dtype
+    rows = max(1, min(n, _BLOCK_BYTES // max(1, c * w.element_size())))
+    out = torch.empty(n, dtype=dtype)
     wt = w.T
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        d, zc = diff[: stop - start], z[: stop - start]
-        torch.sub(x[start:stop], mu_hi, out=d)
-        if bias is None:
-            torch.mm(d, wt, out=zc)
-        else:
-            torch.addmm(bias, d, wt, out=zc)
-        torch.linalg.vector_norm(zc, dim=1, out=out[start:stop])
+    with _work_buffers(rows, c, dtype) as (diff, z):
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            d, zc = diff[: stop - start], z[: stop - start]
+            torch.sub(x[start:stop], mu_hi, out=d)
+            if bias is None:
+                torch.mm(d, wt, out=zc)
+            else:
+                torch.addmm(bias, d, wt, out=zc)
+            torch.linalg.vector_norm(zc, dim=1, out=out[start:stop])
     return out.square_()
+
+
+_SCRATCH_LOCK = threading.Lock()
+_SCRATCH: dict[str, Tensor] = {"bytes": torch.empty(0, dtype=torch.uint8)}
+
+
+@contextmanager
+def _work_buffers(rows: int, c: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
+    """Two (rows, c) work buffers of ``dtype``: the process's scratch, or fresh if it is in use.
+
+    The scratch is one byte buffer, grown to the largest request (at most twice
+    :data:`_BLOCK_BYTES`) and kept, so that repeated scoring does not page-fault in new memory
+    on every call. A caller on another thread while it is in use gets fresh buffers instead.
+    """
+    size = rows * c * dtype.itemsize
+    half = -(-size // 64) * 64  # the second buffer starts 64-byte aligned
+    if not _SCRATCH_LOCK.acquire(blocking=False):
+        yield torch.empty(rows, c, dtype=dtype), torch.empty(rows, c, dtype=dtype)
+        return
+    try:
+        if _SCRATCH["bytes"].numel() < 2 * half:
+            _SCRATCH["bytes"] = torch.empty(0, dtype=torch.uint8)  # free before allocating
+            _SCRATCH["bytes"] = torch.empty(2 * half, dtype=torch.uint8)
+        buf = _SCRATCH["bytes"]
+        yield (buf[:size].view(dtype).view(rows, c),
+               buf[half : half + size].view(dtype).view(rows, c))
+    finally:
+        _SCRATCH_LOCK.release()

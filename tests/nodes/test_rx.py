@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ def test_chunked_cpu_scoring_matches_reference(monkeypatch: pytest.MonkeyPatch) 
     rx = _fit(RXGlobal(num_channels=c, eps=0.0, score_dtype="float64"), x.reshape(-1, c))
     ref = _reference_scores(x, rx.mu.numpy(), rx.sigma.numpy())
     whole = rx(data=torch.from_numpy(x))["scores"].numpy()
-    monkeypatch.setattr(rx_module, "_CHUNK_BYTES", 300 * c * 8)  # 300 rows of 429
+    monkeypatch.setattr(rx_module, "_BLOCK_BYTES", 300 * c * 8)  # 300 rows of 429
     with torch.no_grad():
         chunked = rx(data=torch.from_numpy(x))["scores"].numpy()
     np.testing.assert_allclose(whole, ref, rtol=1e-10)
@@ -268,3 +269,24 @@ def test_gradients_through_mu_and_cov_factor() -> None:
         after = rx(data=data)["scores"]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, rx(data=data)["scores"].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_work_buffers_are_reused_and_safe_across_threads() -> None:
+    """The process's scratch is kept between calls; concurrent callers get their own buffers."""
+    rng = np.random.default_rng(8)
+    c = 9
+    xs = [rng.normal(size=(2, 40, 40, c)) * (k + 1) for k in range(4)]
+    rx = _fit(RXGlobal(num_channels=c, eps=0.0), np.concatenate(xs).reshape(-1, c))
+    inputs = [torch.from_numpy(x).float() for x in xs]
+    with torch.no_grad():
+        want = [rx(data=x)["scores"] for x in inputs]
+        ptr = rx_module._SCRATCH["bytes"].data_ptr()
+        rx(data=inputs[0])
+        assert rx_module._SCRATCH["bytes"].data_ptr() == ptr  # no new allocation
+
+    def work(k: int) -> bool:
+        with torch.no_grad():
+            return all(torch.equal(rx(data=inputs[k])["scores"], want[k]) for _ in range(25))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(4)))
