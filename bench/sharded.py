@@ -20,6 +20,13 @@ Runs (Phase 1 with ``normal_only=True`` as in ``params.yaml``, batch size 4):
 - ``dask_1`` / ``dask_2``: the same with ``shard_runner`` = :mod:`tasks.sharding` on a
   LocalCluster of 1 / 2 single-thread worker processes (BLAS/OpenMP threads 1), 1 / 2 shards.
 
+Local workers run with the glibc allocator tuned by :func:`tasks.sharding.tune_allocator`
+(as ``make_shard_runner`` starts them); the driver's allocator is glibc's default. The same
+tuning helps the in-process pass too, so each figure also has ``inprocess_tuned_allocator``:
+the in-process pass in a child process that called ``tune_allocator`` first (one warm-up, then
+``--repeats`` timed fits, not interleaved with the rounds), and
+``speedup_2_workers_vs_tuned_inprocess`` against it: the like-for-like ratio.
+
 Other processes on the machine take cores from the workers: the script measures how much of two
 cores two single-thread processes actually get (``parallel_capacity``, ideal 2.0) at the start
 and at the end, and records the load average; quote those with the figures.
@@ -43,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -179,6 +187,30 @@ def run_inprocess(paths: list[Path], kind: str, channels: int, batch: int) -> di
             "passes": report.passes, "moments": report.root_moments}
 
 
+def run_inprocess_tuned(paths: list[Path], kind: str, args: argparse.Namespace
+                        ) -> dict[str, Any]:
+    """The in-process pass in a child process with the workers' allocator tuning."""
+    job = {"paths": [str(p) for p in paths], "kind": kind, "channels": args.channels,
+           "batch": args.batch_size, "repeats": args.repeats}
+    out = subprocess.run([sys.executable, __file__, "--child-inprocess", json.dumps(job)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_inprocess(job: dict[str, Any]) -> None:
+    """Child of :func:`run_inprocess_tuned`: tune the allocator, warm up, time the fits."""
+    from tasks.sharding import tune_allocator
+
+    tuning = tune_allocator()
+    paths = [Path(p) for p in job["paths"]]
+    run_inprocess(paths, job["kind"], job["channels"], job["batch"])  # warm-up
+    secs = []
+    for _ in range(job["repeats"]):
+        secs.append(run_inprocess(paths, job["kind"], job["channels"], job["batch"])["seconds"])
+    print(json.dumps({"best_s": round(min(secs), 3), "all_s": [round(t, 3) for t in secs],
+                      "tuning": tuning, "loadavg": os.getloadavg()}))
+
+
 def run_sharded(task_map: Any, paths: list[Path], kind: str, channels: int, batch: int,
                 n_shards: int) -> dict[str, Any]:
     import torch
@@ -264,6 +296,11 @@ def measure(maps: dict[int, Any], paths: list[Path], kind: str, args: argparse.N
     entry["speedup_2_workers_all_rounds"] = round(
         min(r["inprocess"]["seconds"] for r in rounds)
         / min(r["dask_2"]["seconds"] for r in rounds), 3)
+    tuned = run_inprocess_tuned(paths, kind, args)
+    entry["inprocess_tuned_allocator"] = {**tuned,
+                                          "mpix_s": round(n_pix / tuned["best_s"] / 1e6, 2)}
+    entry["speedup_2_workers_vs_tuned_inprocess"] = round(
+        tuned["best_s"] / entry["dask_2"]["best_s"], 3)
     return entry
 
 
@@ -275,7 +312,9 @@ def report_line(kind: str, entry: dict[str, Any]) -> None:
           f"(per-round median x{entry['speedup_2_workers_per_round_median']}, all rounds "
           f"x{entry['speedup_2_workers_all_rounds']}; {entry['quiet_rounds']}/{entry['rounds']} "
           f"quiet rounds); orchestration per pass (2 workers) {orch} s; max rel diff "
-          f"{entry['max_rel_diff']:.2e}", flush=True)
+          f"{entry['max_rel_diff']:.2e}; in-process with the workers' allocator tuning "
+          f"{entry['inprocess_tuned_allocator']['mpix_s']} Mpix/s -> like-for-like speedup "
+          f"x{entry['speedup_2_workers_vs_tuned_inprocess']}", flush=True)
 
 
 def main() -> None:
@@ -293,7 +332,11 @@ def main() -> None:
     ap.add_argument("--scale", default="128",
                     help="extra cube counts for plain/chain (how the per-pass cost amortizes)")
     ap.add_argument("--quick", action="store_true", help="8 small cubes, 1 repeat")
+    ap.add_argument("--child-inprocess", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_inprocess:
+        child_inprocess(json.loads(args.child_inprocess))
+        return
     if args.quick:
         args.cubes, args.size, args.repeats, args.max_rounds, args.scale = 8, 64, 1, 1, "16"
 
@@ -312,8 +355,8 @@ def main() -> None:
     api_start_s = time.perf_counter() - t
     print(f"Prefect API {api} ready in {api_start_s:.1f} s", flush=True)
 
-    maps = {n: TaskRunnerMap(lambda url, n=n: dask_task_runner(None, n, url), kind="dask",
-                             affinity=_shard_key) for n in (1, 2)}
+    maps = {n: TaskRunnerMap(functools.partial(dask_task_runner, None, n), kind="dask",
+                             affinity=_shard_key, tune_workers=True) for n in (1, 2)}
     root = Path(tempfile.mkdtemp(prefix="cubeline-sharded-"))
     n_pix = args.cubes * args.size * args.size
     results: dict[str, Any] = {}
@@ -363,6 +406,8 @@ def main() -> None:
         "max_rel_diff": max(r["max_rel_diff"] for r in results.values()),
         "speedup_2_workers": head["speedup_2_workers"],
         "speedup_1_worker": head["speedup_1_worker"],
+        "speedup_2_workers_vs_tuned_inprocess": head["speedup_2_workers_vs_tuned_inprocess"],
+        "inprocess_tuned_allocator_mpix_s": head["inprocess_tuned_allocator"]["mpix_s"],
         "inprocess_mpix_s": head["inprocess"]["mpix_s"],
         "dask_1_worker_mpix_s": head["dask_1"]["mpix_s"],
         "dask_2_workers_mpix_s": head["dask_2"]["mpix_s"],
@@ -371,6 +416,7 @@ def main() -> None:
         "batch_size": args.batch_size, "repeats": args.repeats,
         "prefect_api_start_s": round(api_start_s, 2), "cold_start_s": cold,
         "parallel_capacity": {"start": capacity_start, "end": capacity_end},
+        "worker_allocator_tuning": {f"dask_{n}": m.worker_tuning for n, m in maps.items()},
         "results": results, "machine": info,
     }
     print(json.dumps(out))

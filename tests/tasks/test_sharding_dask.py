@@ -36,13 +36,17 @@ from nodes.stats import MomentState
 from tasks.env import disable_telemetry
 from tasks.params import ShardingParams
 from tasks.sharding import (
+    WORKER_MALLOPT,
     OrchestratedShardRunner,
     ShardingConfig,
     TaskRunnerMap,
+    _prefect_task,
     _shard_key,
     dask_task_runner,
     make_shard_runner,
     shard_runner_scope,
+    task_run_context,
+    tune_allocator,
 )
 
 disable_telemetry()
@@ -131,7 +135,7 @@ def prefect_api() -> Iterator[None]:
 def dask_map(prefect_api: None) -> Iterator[TaskRunnerMap]:
     """One LocalCluster of 2 single-thread worker processes, shared by the tests below."""
     task_map = TaskRunnerMap(lambda url: dask_task_runner(None, 2, url), kind="dask",
-                             affinity=_shard_key)
+                             affinity=_shard_key, tune_workers=True)
     try:
         yield task_map
     finally:
@@ -255,6 +259,100 @@ def test_local_workers_run_one_thread_without_telemetry(dask_map: TaskRunnerMap)
         assert env["MALLOC_TRIM_THRESHOLD_"] is None  # glibc's adaptive defaults, as the driver
         assert env["DO_NOT_TRACK"] == "true"
         assert (env["PREFECT_API_URL"] or "").startswith("http://127.0.0.1:")
+
+
+@pytest.mark.slow
+def test_local_workers_tune_their_allocator(dask_map: TaskRunnerMap) -> None:
+    dask_map.start()
+    assert len(dask_map.worker_tuning) == 2
+    for accepted in dask_map.worker_tuning.values():
+        assert accepted == dict.fromkeys(WORKER_MALLOPT, True)
+
+
+def test_make_shard_runner_tunes_only_the_workers_it_starts(frames: list[Path]) -> None:
+    spec = spec_of(frames, [0, 1])
+    local = make_shard_runner({"runner": "dask", "n_shards": 2}, spec)
+    remote = make_shard_runner({"runner": "dask", "n_shards": 2,
+                                "address": "tcp://127.0.0.1:8786"}, spec)
+    assert local is not None and remote is not None
+    assert local.map_fn.tune_workers and not remote.map_fn.tune_workers
+    assert not local.map_fn.started and not remote.map_fn.started
+
+
+_TUNE_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tasks.sharding import tune_allocator
+print(json.dumps(tune_allocator()))
+"""
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists()
+                    and not Path("/lib64/libc.so.6").exists(), reason="needs glibc")
+def test_tune_allocator_is_accepted_by_glibc() -> None:
+    """In a child: mallopt settings stay with the process that makes them."""
+    import json
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", _TUNE_CHILD, repo], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == dict.fromkeys(WORKER_MALLOPT, True)
+    assert callable(tune_allocator)
+
+
+def _context_pair() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Prefect's serialize_context, task_run_context) for the same task run, in a task."""
+    from uuid import uuid4
+
+    from prefect.context import serialize_context
+
+    ptask = _prefect_task(abs)
+    run_id = uuid4()
+    deps: dict[str, set[Any]] = {"payload": set()}
+    theirs = serialize_context(asset_ctx_kwargs={
+        "task": ptask, "task_run_id": run_id, "task_inputs": deps, "copy_to_child_ctx": True})
+    return theirs, task_run_context(ptask, run_id, deps)
+
+
+@pytest.mark.slow
+def test_task_run_context_is_prefects_less_the_settings(prefect_api: None) -> None:
+    """Shards submitted inside a flow's task carry the flow's and the parent task's context."""
+    from prefect import flow, task
+
+    theirs, ours = flow(name="ctx")(lambda: task(name="parent")(_context_pair)())()
+    assert theirs["flow_run_context"] and theirs["task_run_context"]  # inside a flow's task
+    assert theirs["settings_context"] and ours["settings_context"] == {}
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        if key != "settings_context":
+            assert ours[key] == theirs[key], key
+
+
+@pytest.mark.slow
+def test_settings_are_serialized_once_per_settings_object(dask_map: TaskRunnerMap) -> None:
+    from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+
+    dask_map.start()
+    with dask_map._settings_scope():
+        token, payload = dask_map._serialized_settings()
+        assert dask_map._serialized_settings()[0] == token
+        assert payload["settings"]["api"]["url"] == dask_map._api_url
+        with temporary_settings(updates={PREFECT_LOGGING_LEVEL: "ERROR"}):
+            changed, new = dask_map._serialized_settings()
+    assert changed != token
+    assert new["settings"]["logging"]["level"] == "ERROR"
+    # ... and the workers run their task runs under the driver's settings of the moment.
+    with temporary_settings(updates={PREFECT_LOGGING_LEVEL: "ERROR"}):
+        assert dask_map(_logging_level, [0, 1]) == ["ERROR", "ERROR"]
+    assert dask_map(_logging_level, [0]) != ["ERROR"]
+
+
+def _logging_level(_: int) -> str:
+    from prefect.settings import PREFECT_LOGGING_LEVEL
+
+    return str(PREFECT_LOGGING_LEVEL.value())
 
 
 # ---------------------------------------------------------------------------- configuration
