@@ -20,7 +20,7 @@ Runs (Phase 1 with ``normal_only=True`` as in ``params.yaml``, batch size 4):
 - ``dask_1`` / ``dask_2``: the same with ``shard_runner`` = :mod:`tasks.sharding` on a
   LocalCluster of 1 / 2 single-thread worker processes (BLAS/OpenMP threads 1), 1 / 2 shards.
 
-Local workers run with the glibc allocator tuned by :func:`tasks.sharding.tune_allocator`
+Local workers run with the glibc allocator tuned by :func:`tasks.env.tune_allocator`
 (as ``make_shard_runner`` starts them); the driver's allocator is glibc's default. The same
 tuning helps the in-process pass too, so each figure also has ``inprocess_tuned_allocator``:
 the in-process pass in a child process that called ``tune_allocator`` first (one warm-up, then
@@ -199,7 +199,7 @@ def run_inprocess_tuned(paths: list[Path], kind: str, args: argparse.Namespace
 
 def child_inprocess(job: dict[str, Any]) -> None:
     """Child of :func:`run_inprocess_tuned`: tune the allocator, warm up, time the fits."""
-    from tasks.sharding import tune_allocator
+    from tasks.env import tune_allocator
 
     tuning = tune_allocator()
     paths = [Path(p) for p in job["paths"]]

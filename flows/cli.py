@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.env import disable_telemetry, repo_root
+from tasks.env import disable_telemetry, repo_root, tune_allocator
 
 
 def _params_path(args: argparse.Namespace) -> Path:
@@ -343,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             process through :func:`_exit_fast` once the command is done.
     """
     disable_telemetry()
+    if argv is None:
+        # The real command line owns this process: keep frame-sized buffers on the heap instead
+        # of mapping and faulting them in again for every batch (tasks.env.tune_allocator; the
+        # same setting the local Dask workers get, so in-process and sharded compare alike).
+        tune_allocator()
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
     from nodes.errors import CubelineError

@@ -64,3 +64,39 @@ def repo_root(start: Path | None = None) -> Path:
         if (candidate / "params.yaml").is_file() and (candidate / "data.dvc").is_file():
             return candidate
     return Path(__file__).resolve().parent.parent
+
+
+#: glibc ``mallopt`` parameters for local shard workers and the CLI (see :func:`tune_allocator`).
+WORKER_MALLOPT: dict[str, tuple[int, int]] = {
+    "M_MMAP_THRESHOLD": (-3, 1 << 30),
+    "M_TRIM_THRESHOLD": (-1, 2**31 - 1),
+}
+
+
+def tune_allocator() -> dict[str, bool]:
+    """Keep frame-sized buffers on this process's heap: serve them from memory already mapped.
+
+    A Phase-1 batch allocates and frees buffers of 16-64 MB (frames, the stacked batch, the
+    selected pixels). glibc maps every block above its mmap threshold (32 MB at most by
+    default) afresh and unmaps it on free, so each batch faults its pages in again: measured
+    here (1 thread, 16 cubes of 256 x 256 x 61), 0.3 s of 0.9 s was kernel time. With the
+    threshold at 1 GiB and heap trimming off, freed blocks are reused; the process keeps its
+    peak heap (about one shard's frames) until it exits. Applied to the local Dask workers
+    cubeline starts (never to a remote cluster's workers) and to the ``cubeline`` command's own
+    process; library callers decide for their processes.
+
+    Returns:
+        ``{parameter: accepted}``; all False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return dict.fromkeys(WORKER_MALLOPT, False)
+    return {key: bool(mallopt(param, value)) for key, (param, value) in WORKER_MALLOPT.items()}

@@ -8,7 +8,7 @@
   ``prefect_dask.DaskTaskRunner``. Without ``address`` a ``distributed.LocalCluster`` is started
   on 127.0.0.1 with ``min(n_shards, CPUs)`` worker processes of one thread each (BLAS/OpenMP
   threads pinned to 1, so workers do not oversubscribe the cores; glibc's allocator tuned by
-  :func:`tune_allocator`) and torn down after the fit; with ``address`` (``tcp://host:8786``)
+  :func:`tasks.env.tune_allocator`) and torn down after the fit; with ``address`` (``tcp://host:8786``)
   the shards go to that running scheduler, whose workers are left as they are.
 - ``runner: ray``: the same on ``prefect_ray.RayTaskRunner`` against the running Ray cluster at
   ``address``. prefect-ray is not a dependency, and cubeline never starts a local Ray instance
@@ -46,7 +46,7 @@ from nodes.sharding import (
     release_shard_cache,
     run_shard,
 )
-from tasks.env import TELEMETRY_ENV
+from tasks.env import TELEMETRY_ENV, tune_allocator
 
 RUNNERS = ("inprocess", "dask", "ray")
 SHARD_TASK_NAME = "fit_statistics_shard"
@@ -142,41 +142,6 @@ def _worker_env() -> dict[str, str]:
     quiet = os.environ.get("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     return {**TELEMETRY_ENV, **SINGLE_THREAD_ENV,
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": quiet}
-
-
-#: glibc ``mallopt`` parameters and values for local shard workers (see :func:`tune_allocator`).
-WORKER_MALLOPT: dict[str, tuple[int, int]] = {
-    "M_MMAP_THRESHOLD": (-3, 1 << 30),
-    "M_TRIM_THRESHOLD": (-1, 2**31 - 1),
-}
-
-
-def tune_allocator() -> dict[str, bool]:
-    """Keep frame-sized buffers on this process's heap: serve them from memory already mapped.
-
-    A Phase-1 batch allocates and frees buffers of 16-64 MB (frames, the stacked batch, the
-    selected pixels). glibc maps every block above its mmap threshold (32 MB at most by
-    default) afresh and unmaps it on free, so each batch faults its pages in again: measured
-    here (1 thread, 16 cubes of 256 x 256 x 61), 0.3 s of 0.9 s was kernel time. With the
-    threshold at 1 GiB and heap trimming off, freed blocks are reused; the process keeps its
-    peak heap (about one shard's frames) until it exits. Applied to the local Dask workers
-    cubeline starts (never to a remote cluster's workers, nor to the driver).
-
-    Returns:
-        ``{parameter: accepted}``; all False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        mallopt = None
-    if mallopt is None:
-        return dict.fromkeys(WORKER_MALLOPT, False)
-    return {key: bool(mallopt(param, value)) for key, (param, value) in WORKER_MALLOPT.items()}
 
 
 def dask_task_runner(address: str | None, n_workers: int, api_url: str) -> Any:

@@ -33,10 +33,9 @@ from nodes import (
 from nodes.data import CubeDataModule
 from nodes.sharding import ShardDataSpec, ShardedPassRunner
 from nodes.stats import MomentState
-from tasks.env import disable_telemetry
+from tasks.env import WORKER_MALLOPT, disable_telemetry
 from tasks.params import ShardingParams
 from tasks.sharding import (
-    WORKER_MALLOPT,
     OrchestratedShardRunner,
     ShardingConfig,
     TaskRunnerMap,
@@ -282,7 +281,7 @@ def test_make_shard_runner_tunes_only_the_workers_it_starts(frames: list[Path]) 
 _TUNE_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tasks.sharding import tune_allocator
+from tasks.env import tune_allocator
 print(json.dumps(tune_allocator()))
 """
 
