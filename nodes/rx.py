@@ -29,7 +29,7 @@ from nodes.stats import MomentState
 
 _F64 = torch.float64
 #: CPU scoring works on blocks of rows of at most this many bytes per work buffer (two buffers).
-_BLOCK_BYTES = 8 << 20
+_BLOCK_BYTES = 64 << 20
 _SCORE_DTYPES = ("auto", "float64", "float32")
 
 
@@ -201,11 +201,13 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
     each write a fresh tensor: fresh buffers of a whole batch cost more in page faults than the
     GEMM, so the work buffers are the process's reused scratch (:func:`_work_buffers`).
 
-    The block size is a compromise measured on a 2-core VM (262 144 x 61 float32 pixels, 2
-    threads): 2 MiB blocks stay in cache and are as fast when the machine is quiet (19 ms), but
-    each op is a parallel region ending in a thread barrier, and on an oversubscribed machine
-    their ~90 barriers per batch each wait for a descheduled thread (seen: up to 1 s); one
-    64 MiB block is steadiest under load but 35 % slower when quiet (27 ms). 8 MiB: 20 ms quiet.
+    Large blocks rather than cache-sized chunks, for a busy machine: each op is a parallel region
+    that ends in a thread barrier, and when other multi-threaded processes compete for the cores,
+    every barrier can wait a scheduler time slice for a descheduled thread. Measured on the 2-core
+    VM (262 144 x 61 float32 pixels, 2 threads; quiet / beside three 2-thread torch processes):
+    2 MiB blocks 19 / 1800 ms, 8 MiB 21 / 500 ms, 64 MiB 27 / 131 ms (cuvis-ai's einsum on the
+    same pixels: 64 / 262 ms). The float64 mode pays more for leaving the cache (64 MiB:
+    100 ms quiet, against 37 ms in 2 MiB blocks).
     """
     n, c = x.shape
     dtype = w.dtype
