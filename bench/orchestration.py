@@ -35,11 +35,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.flows.helpers import copy_repo, edit_params, free_port, wait_healthy  # noqa: E402
+
+if TYPE_CHECKING:
+    from nodes import AnomalyDetectionMetrics, Node
 
 
 def direct(root: Path) -> dict[str, float]:
@@ -97,8 +101,8 @@ def direct(root: Path) -> dict[str, float]:
     GradientTrainer(
         pipe,
         dm,
-        [pipe.nodes["bce"]],
-        [pipe.nodes["metrics_anomaly"]],  # type: ignore[list-item]
+        [cast("Node", pipe.nodes["bce"])],
+        [cast("AnomalyDetectionMetrics", pipe.nodes["metrics_anomaly"])],
         trainer_config=cfg,
         optimizer_config=p.phase2.optimizer,
         scheduler_config=p.phase2.scheduler,

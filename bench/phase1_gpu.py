@@ -19,6 +19,8 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from synthetic import TensorBatches, make_cubes_torch
@@ -49,7 +51,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[..., object], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         sync()
@@ -82,7 +84,7 @@ def single(args: argparse.Namespace) -> dict[str, object]:
     out["phase1_fit_minus_pass_ms"] = round((t_fit - t_pass) * 1e3, 3)
     # the accumulator alone over the same batches (fresh state each time, as a fit has)
     batches = [cubes[i : i + 16].reshape(-1, 61) for i in range(0, cubes.shape[0], 16)]
-    paths = [("", {})]
+    paths: list[tuple[str, dict[str, bool]]] = [("", {})]
     if "fused" in inspect.signature(MomentAccumulator).parameters:  # absent before the kernel
         paths.append(("_torch_path", {"fused": False}))
     for label, kw in paths:
@@ -185,18 +187,19 @@ def distributed(args: argparse.Namespace) -> dict[str, object] | None:
     p = chain(61).to(dev)
     trainer = StatisticalTrainer(pipeline=p, datamodule=TensorBatches(cubes, 4))
     t = timed(trainer.fit)
-    mu = p.nodes["rx"].mu.detach().clone()
+    rx = cast(RXGlobal, p.nodes["rx"])
+    mu = rx.mu.detach().clone()
     gathered = [torch.empty_like(mu) for _ in range(world)]
     dist.all_gather(gathered, mu)
-    result = None
+    result: dict[str, object] | None = None
     if rank == 0:
         dist.destroy_process_group()
         ref = chain(61).to(dev)
         report = StatisticalTrainer(pipeline=ref, datamodule=TensorBatches(cubes, 4)).fit()
+        ref_rx = cast(RXGlobal, ref.nodes["rx"])
         rel = max(
-            float((p.nodes["rx"].sigma - ref.nodes["rx"].sigma).abs().max()
-                   / ref.nodes["rx"].sigma.abs().max()),
-            float((mu - ref.nodes["rx"].mu).abs().max() / ref.nodes["rx"].mu.abs().max()),
+            float((rx.sigma - ref_rx.sigma).abs().max() / ref_rx.sigma.abs().max()),
+            float((mu - ref_rx.mu).abs().max() / ref_rx.mu.abs().max()),
         )
         result = {
             "world_size": world,

@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import torch
@@ -25,6 +26,9 @@ from nodes import GradientTrainer, StatisticalTrainer
 from nodes.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 from nodes.data import CubeDataModule
 from nodes.presets import build_channel_selector_pipeline
+
+if TYPE_CHECKING:
+    from nodes import AnomalyDetectionMetrics, Node
 
 
 class EpochTimer(L.Callback):
@@ -90,7 +94,9 @@ def main() -> None:
                         strategy="ddp" if args.devices > 1 else "auto",
                         enable_progress_bar=False,
                         default_root_dir=os.environ.get("BENCH_ROOT", "/tmp/cubeline-bench"))
-    gt = GradientTrainer(pipe, dm, [pipe.nodes["bce"]], [pipe.nodes["metrics_anomaly"]], cfg,
+    losses = [cast("Node", pipe.nodes["bce"])]
+    metrics = [cast("AnomalyDetectionMetrics", pipe.nodes["metrics_anomaly"])]
+    gt = GradientTrainer(pipe, dm, losses, metrics, cfg,
                          OptimizerConfig(name="adamw", lr=args.lr, weight_decay=1e-4),
                          SchedulerConfig(name="reduce_on_plateau", monitor="metrics_anomaly/iou",
                                          mode="max", factor=0.5, patience=5),

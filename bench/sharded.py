@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -124,7 +124,10 @@ def write_frames(directory: Path, n: int, size: int, channels: int, compressed: 
                  seed: int) -> list[Path]:
     import numpy as np
 
-    from bench.synthetic import make_cubes
+    if TYPE_CHECKING:  # mypy maps bench/ as a source root (mypy_path), so the file is `synthetic`
+        from synthetic import make_cubes
+    else:
+        from bench.synthetic import make_cubes
 
     cubes, masks = make_cubes(n, size=size, channels=channels, seed=seed)
     save = np.savez_compressed if compressed else np.savez

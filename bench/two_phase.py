@@ -12,12 +12,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from nodes import GradientTrainer, StatisticalTrainer
 from nodes.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 from nodes.data import CubeDataModule
 from nodes.presets import build_channel_selector_pipeline
 from nodes.statistical_trainer import evaluate_pipeline
+
+if TYPE_CHECKING:
+    from nodes import AnomalyDetectionMetrics, Node
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +40,8 @@ def main() -> None:
     phase1_s = time.perf_counter() - t0
     trainer_cfg = TrainerConfig(max_epochs=args.epochs, accelerator="cpu",
                                 default_root_dir="/tmp/cubeline-two-phase")
-    losses, metrics = [pipe.nodes["bce"]], [pipe.nodes["metrics_anomaly"]]
+    losses = [cast("Node", pipe.nodes["bce"])]
+    metrics = [cast("AnomalyDetectionMetrics", pipe.nodes["metrics_anomaly"])]
     # Phase 1 alone, with the same threshold calibration as after Phase 2.
     GradientTrainer(pipe, dm, losses, metrics, trainer_cfg).calibrate_threshold()
     dm.setup("test")

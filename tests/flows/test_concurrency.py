@@ -51,7 +51,9 @@ def test_two_concurrent_retrains_leave_one_champion(
     assert [h.version for h in history] == holders
     # Each run's initialization state is checked out under the hash its MLflow run records
     # (two fits at once: two states, since the metadata records when each was made).
-    runs = client.search_runs([client.get_experiment_by_name("cubeline").experiment_id])
+    experiment = client.get_experiment_by_name("cubeline")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
     recorded = {r.data.tags["cubeline.init_state_hash"].removesuffix(".dir") for r in runs}
     states = {s.name for s in (repo_copy / "outputs" / "states").iterdir()}
     assert recorded == states and len(recorded) in (1, 2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ import scipy.io
 from flows import for_repo
 from nodes.errors import DataValidationError
 from tests.flows.helpers import FAST_PARAMS, copy_repo, edit_params, git
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -41,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ob
     yield root, summary, before
 
 
-def _mlflow(root: Path) -> object:
+def _mlflow(root: Path) -> MlflowClient:
     import mlflow
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -187,18 +191,20 @@ def test_invalid_frames_stop_at_load_cubes(repo_copy: Path) -> None:
     msg = str(exc.value)
     assert "abu-urban-5.mat" in msg and "n_nonfinite" in msg and "pandera report" in msg
     # The flow stopped at load_cubes: no other step ran.
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as prefect_client:
+        task_runs = prefect_client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
-    assert [(r.name.rsplit("-", 1)[0], r.state_type.value) for r in runs] == [
-        ("load_cubes", "FAILED")
-    ]
+    assert [
+        (r.name.rsplit("-", 1)[0], r.state_type.value if r.state_type is not None else None)
+        for r in task_runs
+    ] == [("load_cubes", "FAILED")]
     # Nothing registered; the flow's MLflow run is marked FAILED.
     client = _mlflow(repo_copy)
     assert client.search_registered_models() == []
     experiment = client.get_experiment_by_name("cubeline")
+    assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

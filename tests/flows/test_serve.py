@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -64,7 +64,10 @@ def served(
     yield repo_copy, env
 
 
-def _wait(what: str, fn: Callable[[], Any], timeout: float, every: float = 2.0) -> Any:
+_T = TypeVar("_T")
+
+
+def _wait(what: str, fn: Callable[[], _T | None], timeout: float, every: float = 2.0) -> _T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = fn()
@@ -125,6 +128,7 @@ def test_schedules_and_drift_event_trigger_retrain(
                 timeout=120,
             )
             first_slot = min(r.expected_start_time for r in scheduled)  # type: ignore[type-var]
+            assert first_slot is not None
             assert (first_slot.weekday(), first_slot.hour, first_slot.minute) == (0, 3, 0)
 
             drift = _cubeline(root, env, "drift")

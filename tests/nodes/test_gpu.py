@@ -6,12 +6,21 @@ Skipped cleanly where CUDA is absent (CI); run on a GPU machine with ``pytest -m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
 
-from nodes import GradientTrainer, OptimizerConfig, StatisticalTrainer, TrainerConfig
+from nodes import (
+    AnomalyDetectionMetrics,
+    GradientTrainer,
+    Node,
+    OptimizerConfig,
+    RXGlobal,
+    StatisticalTrainer,
+    TrainerConfig,
+)
 from nodes.data import CubeDataModule
 from nodes.presets import build_channel_selector_pipeline
 from nodes.stats import MomentAccumulator
@@ -57,10 +66,13 @@ def test_phase1_on_cuda_equals_cpu_and_phase2_trains(tmp_path: Path) -> None:
     StatisticalTrainer(pipeline=cpu, datamodule=dm).fit()
     gpu = build_channel_selector_pipeline(input_channels=16, n_select=4).to("cuda")
     StatisticalTrainer(pipeline=gpu, datamodule=dm).fit()
-    assert gpu.nodes["rx"].mu.is_cuda
-    assert torch.allclose(cpu.nodes["rx"].sigma, gpu.nodes["rx"].sigma.cpu(), rtol=1e-6)
+    cpu_rx, gpu_rx = cast(RXGlobal, cpu.nodes["rx"]), cast(RXGlobal, gpu.nodes["rx"])
+    assert gpu_rx.mu.is_cuda
+    assert torch.allclose(cpu_rx.sigma, gpu_rx.sigma.cpu(), rtol=1e-6)
     gpu.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
-    gt = GradientTrainer(gpu, dm, [gpu.nodes["bce"]], [gpu.nodes["metrics_anomaly"]],
+    losses = [cast(Node, gpu.nodes["bce"])]
+    metrics = [cast(AnomalyDetectionMetrics, gpu.nodes["metrics_anomaly"])]
+    gt = GradientTrainer(gpu, dm, losses, metrics,
                          TrainerConfig(max_epochs=2, accelerator="gpu", devices=1,
                                        enable_progress_bar=False,
                                        default_root_dir=str(tmp_path)),

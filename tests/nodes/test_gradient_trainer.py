@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from nodes import (
     CubeDataModule,
     GradientTrainer,
     ModelCheckpointConfig,
+    Node,
     NotInitializedError,
     OptimizerConfig,
     Pipeline,
@@ -69,6 +71,19 @@ def fitted_pipeline(dm: CubeDataModule) -> Pipeline:
     return p
 
 
+# ``Pipeline.nodes`` is an ``nn.ModuleDict`` (items typed ``Module``): these only name the types.
+def losses(p: Pipeline) -> list[Node]:
+    return [cast(Node, p.nodes["bce"])]
+
+
+def metric_nodes(p: Pipeline) -> list[AnomalyDetectionMetrics]:
+    return [cast(AnomalyDetectionMetrics, p.nodes["metrics_anomaly"])]
+
+
+def rx_of(p: Pipeline) -> RXGlobal:
+    return cast(RXGlobal, p.nodes["rx"])
+
+
 def trainer_cfg(tmp_path: Path, epochs: int = 3, **kw: object) -> TrainerConfig:
     return TrainerConfig(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
                          default_root_dir=str(tmp_path), **kw)  # type: ignore[arg-type]
@@ -78,7 +93,7 @@ def train(tmp_path: Path, seed: int = 7) -> tuple[dict[str, float], Pipeline]:
     dm = make_dm()
     p = fitted_pipeline(dm)
     p.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
-    gt = GradientTrainer(p, dm, [p.nodes["bce"]], [p.nodes["metrics_anomaly"]],
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p),
                          trainer_cfg(tmp_path), OptimizerConfig(name="adamw", lr=1e-2),
                          SchedulerConfig(name="reduce_on_plateau", monitor="metrics_anomaly/iou",
                                          mode="max"), seed=seed)
@@ -90,36 +105,37 @@ def test_fit_logs_losses_and_metrics(tmp_path: Path) -> None:
     dm = make_dm()
     p = fitted_pipeline(dm)
     p.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
-    before = p.nodes["rx"].mu.detach().clone()
-    gt = GradientTrainer(p, dm, [p.nodes["bce"]], [p.nodes["metrics_anomaly"]],
+    before = rx_of(p).mu.detach().clone()
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p),
                          trainer_cfg(tmp_path), OptimizerConfig(lr=1e-2), seed=0)
     metrics = gt.fit()
     assert {"train/bce", "val/bce", "metrics_anomaly/iou", "metrics_anomaly/ap"} <= set(metrics)
-    assert not torch.equal(before, p.nodes["rx"].mu.detach()), "RX mean did not move"
+    assert not torch.equal(before, rx_of(p).mu.detach()), "RX mean did not move"
     test = gt.test()
     assert {"metrics_anomaly/iou", "metrics_anomaly/f1", "metrics_anomaly/auroc"} <= set(test)
     assert gt.calibration is not None and gt.calibration.method == "max_f1"
-    assert float(p.nodes["decider"].threshold) == pytest.approx(gt.calibration.probability)
+    threshold = cast(torch.Tensor, p.nodes["decider"].threshold)
+    assert float(threshold) == pytest.approx(gt.calibration.probability)
 
 
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     a, pa = train(tmp_path / "a")
     b, pb = train(tmp_path / "b")
     assert a == b
-    assert torch.equal(pa.nodes["rx"].cov_factor, pb.nodes["rx"].cov_factor)
+    assert torch.equal(rx_of(pa).cov_factor, rx_of(pb).cov_factor)
 
 
 def test_rx_stays_positive_definite_after_aggressive_training(tmp_path: Path) -> None:
     dm = make_dm()
     p = fitted_pipeline(dm)
     p.unfreeze_nodes_by_name(["rx"])
-    gt = GradientTrainer(p, dm, [p.nodes["bce"]], [p.nodes["metrics_anomaly"]],
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p),
                          trainer_cfg(tmp_path, epochs=4), OptimizerConfig(name="sgd", lr=5.0),
                          seed=0, threshold_method="none")
     # A diverging loss may stop the run; the factor must still give an SPD matrix.
     with contextlib.suppress(TrainingError):
         gt.fit()
-    sigma = p.nodes["rx"].sigma.detach()
+    sigma = rx_of(p).sigma.detach()
     assert torch.allclose(sigma, sigma.T)
     assert torch.linalg.eigvalsh(sigma).min() >= 0
 
@@ -146,7 +162,7 @@ def test_no_loss_node(tmp_path: Path) -> None:
     p = fitted_pipeline(dm)
     p.unfreeze_nodes_by_name(["rx"])
     with pytest.raises(TrainingError, match="at least one loss node"):
-        GradientTrainer(p, dm, [], [p.nodes["metrics_anomaly"]], trainer_cfg(tmp_path))
+        GradientTrainer(p, dm, [], metric_nodes(p), trainer_cfg(tmp_path))
 
 
 def test_loss_targets_not_connected(tmp_path: Path) -> None:
@@ -171,9 +187,9 @@ def test_unfreeze_uninitialized_node() -> None:
 
 def test_unknown_optimizer_and_scheduler_names() -> None:
     with pytest.raises(ConfigError, match="adamw"):
-        OptimizerConfig(name="lion")
+        OptimizerConfig(name="lion")  # type: ignore[arg-type]  # deliberately invalid
     with pytest.raises(ConfigError, match="reduce_on_plateau"):
-        SchedulerConfig(name="warmup", monitor="val/bce")
+        SchedulerConfig(name="warmup", monitor="val/bce")  # type: ignore[arg-type]  # invalid
 
 
 def test_scheduler_monitor_never_logged(tmp_path: Path) -> None:
@@ -181,7 +197,7 @@ def test_scheduler_monitor_never_logged(tmp_path: Path) -> None:
     p = fitted_pipeline(dm)
     p.unfreeze_nodes_by_name(["rx"])
     with pytest.raises(TrainingError, match="metrics_anomaly/iuo"):
-        GradientTrainer(p, dm, [p.nodes["bce"]], [p.nodes["metrics_anomaly"]],
+        GradientTrainer(p, dm, losses(p), metric_nodes(p),
                         trainer_cfg(tmp_path), OptimizerConfig(),
                         SchedulerConfig(name="reduce_on_plateau", monitor="metrics_anomaly/iuo"))
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -195,7 +211,7 @@ def test_nan_loss_stops_naming_step_and_keeps_checkpoint(tmp_path: Path) -> None
     cfg = trainer_cfg(tmp_path, epochs=5, callbacks=CallbacksConfig(
         checkpoint=ModelCheckpointConfig(dirpath=str(ckdir), save_last=True)))
 
-    gt = GradientTrainer(p, dm, [p.nodes["bce"]], [p.nodes["metrics_anomaly"]], cfg,
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), cfg,
                          OptimizerConfig(lr=1e-3), seed=0)
     import lightning as L
 
@@ -203,7 +219,7 @@ def test_nan_loss_stops_naming_step_and_keeps_checkpoint(tmp_path: Path) -> None
         def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
             if trainer.current_epoch == 2:
                 with torch.no_grad():
-                    p.nodes["logit_head"].scale.fill_(float("nan"))
+                    cast(torch.Tensor, p.nodes["logit_head"].scale).fill_(float("nan"))
 
     gt.extra_callbacks.append(Poison())
     with pytest.raises(TrainingError, match=r"global step \d+ \(epoch 2"):

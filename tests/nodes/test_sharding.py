@@ -122,7 +122,7 @@ def test_split_frames_rejects_a_bad_shard_count(bad: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- exactness
-OPTIONS = {
+OPTIONS: dict[str, dict[str, Any]] = {
     "all_pixels": {},
     "normal_only": {"normal_only": True},
     "sampled": {"normal_only": True, "sample_fraction": 0.3, "seed": 7},
@@ -144,8 +144,8 @@ def test_sharded_two_pass_fit_equals_single_process(
     ids = list(range(N_FRAMES))
     single_pipe, single = reference(tuple(frames), opts)
     sharded_pipe = chain()
-    with ShardedPassRunner(serial_map, ShardDataSpec([str(p) for p in frames], ids, batch_size=2),
-                           n_shards) as runner:
+    spec = ShardDataSpec(tuple(str(p) for p in frames), tuple(ids), batch_size=2)
+    with ShardedPassRunner(serial_map, spec, n_shards) as runner:
         sharded = fit(sharded_pipe, None, runner, **OPTIONS[opts])
     assert sharded.passes == single.passes == 2
     assert sharded.fitted == single.fitted == ["norm", "sel", "rx", "head"]
@@ -169,7 +169,8 @@ def test_subsampling_keeps_fewer_pixels_and_still_matches(frames: list[Path]) ->
     ids = [1, 2, 4, 6]
     full = fit(chain(head=False), make_dm(frames, ids))
     single = fit(chain(head=False), make_dm(frames, ids), sample_fraction=0.25, seed=3)
-    runner = ShardedPassRunner(serial_map, ShardDataSpec([str(p) for p in frames], ids), 3)
+    spec = ShardDataSpec(tuple(str(p) for p in frames), tuple(ids))
+    runner = ShardedPassRunner(serial_map, spec, 3)
     sharded = fit(chain(head=False), None, runner, sample_fraction=0.25, seed=3)
     assert single.pixels < 0.4 * full.pixels
     assert sharded.pixels == single.pixels
@@ -204,7 +205,8 @@ def test_a_lost_shard_is_caught_by_the_comparison(frames: list[Path]) -> None:
                               for k, v in out[-1]["moments"].items()}
         return out
 
-    runner = ShardedPassRunner(lossy_map, ShardDataSpec([str(p) for p in frames], ids), 3)
+    spec = ShardDataSpec(tuple(str(p) for p in frames), tuple(ids))
+    runner = ShardedPassRunner(lossy_map, spec, 3)
     sharded = fit(chain(head=False), None, runner)
     assert sharded.pixels < single.pixels
     assert max_rel_diff(sharded.root_moments["data.cube"], single.root_moments["data.cube"]) > 1e-6
@@ -220,7 +222,7 @@ def test_sharded_fit_on_the_bundled_session_equals_single_process(
     single_pipe = build_channel_selector_pipeline(input_channels=205)
     single = fit(single_pipe, make_dm(session_paths, ids, batch_size=1), normal_only=True)
     pipe = build_channel_selector_pipeline(input_channels=205)
-    spec = ShardDataSpec([str(p) for p in session_paths], ids, expected_channels=205)
+    spec = ShardDataSpec(tuple(str(p) for p in session_paths), tuple(ids), expected_channels=205)
     with ShardedPassRunner(serial_map, spec, 3) as runner:
         sharded = fit(pipe, None, runner, normal_only=True)
     assert sharded.passes == 2
@@ -231,7 +233,7 @@ def test_sharded_fit_on_the_bundled_session_equals_single_process(
 
 # ---------------------------------------------------------------------------- worker details
 def test_later_passes_reuse_the_frames_a_worker_read(frames: list[Path]) -> None:
-    spec = ShardDataSpec([str(p) for p in frames], [0, 1, 2, 3])
+    spec = ShardDataSpec(tuple(str(p) for p in frames), (0, 1, 2, 3))
     with ShardedPassRunner(serial_map, spec, 2) as runner:
         fit(chain(), None, runner)
     assert [r["reused_frames"] for r in runner.passes[0].results] == [False, False]
@@ -247,8 +249,8 @@ def test_shard_task_and_result_survive_pickling(frames: list[Path]) -> None:
 
     pipe = chain()
     fit(pipe, make_dm(frames, [0, 1]))
-    runner = ShardedPassRunner(serial_map, ShardDataSpec([str(p) for p in frames], [0, 1, 2]), 2,
-                               reuse_frames=False)
+    spec = ShardDataSpec(tuple(str(p) for p in frames), (0, 1, 2))
+    runner = ShardedPassRunner(serial_map, spec, 2, reuse_frames=False)
     task = pickle.loads(pickle.dumps(runner.tasks(pipe, ["rx.scores"], PassOptions())[1]))
     assert task.frame_ids == (2,) and task.shard_index == 1 and task.n_shards == 2
     result = pickle.loads(pickle.dumps(run_shard(task)))
@@ -271,7 +273,7 @@ def test_rebuilt_pipeline_keeps_the_senders_dtypes_and_values(frames: list[Path]
 def test_a_missing_frame_file_fails_in_the_worker_with_its_name(tmp_path: Path,
                                                                  frames: list[Path]) -> None:
     gone = tmp_path / "gone.npz"
-    spec = ShardDataSpec([str(frames[0]), str(gone)], [0, 1])
+    spec = ShardDataSpec((str(frames[0]), str(gone)), (0, 1))
     with pytest.raises(DataValidationError, match=r"gone\.npz"):
         fit(chain(head=False), None, ShardedPassRunner(serial_map, spec, 2))
 
@@ -288,19 +290,19 @@ def test_in_memory_frames_cannot_be_sharded(cube_factory: Callable[..., Any]) ->
 def test_spec_validation_and_absolute_paths(monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    spec = ShardDataSpec(["a.npz"], [0], annotation_path="ann.json")
+    spec = ShardDataSpec(("a.npz",), (0,), annotation_path="ann.json")
     assert spec.paths == (str(tmp_path / "a.npz"),)
     assert spec.annotation_path == str(tmp_path / "ann.json")
     with pytest.raises(DataValidationError, match="no training frames"):
-        ShardDataSpec(["a.npz"], [])
+        ShardDataSpec(("a.npz",), ())
     with pytest.raises(DataValidationError, match="more than once"):
-        ShardDataSpec(["a.npz"], [0, 0])
+        ShardDataSpec(("a.npz",), (0, 0))
     with pytest.raises(ConfigError, match="paths is empty"):
-        ShardDataSpec([], [0])
+        ShardDataSpec((), (0,))
 
 
 def test_a_map_fn_that_loses_results_is_an_error(frames: list[Path]) -> None:
     runner = ShardedPassRunner(lambda f, items: [f(x) for x in items][:-1],
-                               ShardDataSpec([str(p) for p in frames], [0, 1, 2]), 3)
+                               ShardDataSpec(tuple(str(p) for p in frames), (0, 1, 2)), 3)
     with pytest.raises(PipelineError, match="2 results for 3 shard tasks"):
         fit(chain(head=False), None, runner)

@@ -96,5 +96,5 @@ def test_section_hash_rejects_unknown_section() -> None:
 def test_params_are_frozen() -> None:
     p = load_params(REPO)
     with pytest.raises(Exception, match="frozen"):
-        p.data.batch_size = 2  # type: ignore[misc]
+        p.data.batch_size = 2
     assert isinstance(p, Params)

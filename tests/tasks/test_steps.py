@@ -125,6 +125,7 @@ def test_tracked_run_marks_failures(repo: Path) -> None:
         run_id = ctx.run_id
         assert Path(ctx.params_path) == repo / "params.yaml"
         raise RuntimeError("boom")
+    assert run_id is not None
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.params["registry.model_name"] == "cubeline-channel-selector"

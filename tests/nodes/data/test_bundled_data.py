@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def _published_sums() -> dict[str, str]:
     return sums
 
 
-def _data_dvc() -> dict[str, object]:
+def _data_dvc() -> dict[str, Any]:
     path = REPO_ROOT / "data.dvc"
     if not path.is_file():
         pytest.skip("data.dvc not in this checkout")
@@ -52,14 +53,14 @@ def _data_dvc() -> dict[str, object]:
 
 
 def _dir_listing() -> list[dict[str, str]]:
-    (out,) = _data_dvc()["outs"]  # type: ignore[misc]
+    (out,) = _data_dvc()["outs"]
     md5 = out["md5"]
     obj = REPO_ROOT / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
     return json.loads(obj.read_text())
 
 
 def test_one_dvc_file_tracks_the_whole_data_folder() -> None:
-    (out,) = _data_dvc()["outs"]  # type: ignore[misc]
+    (out,) = _data_dvc()["outs"]
     assert out["path"] == "data" and out["md5"].endswith(".dir") and out["nfiles"] == 9
     assert not list(REPO_ROOT.glob("data/**/*.dvc"))
 

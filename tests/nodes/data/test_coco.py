@@ -197,7 +197,7 @@ def test_image_id_out_of_range_names_file_and_id(write_json: WriteJson) -> None:
 
 
 def test_unknown_category_and_missing_geometry(write_json: WriteJson) -> None:
-    anns = [
+    anns: list[dict[str, Any]] = [
         {"id": 1, "image_id": 0, "category_id": 9, "bbox": [0, 0, 1, 1]},
         {"id": 2, "image_id": 0, "category_id": 1},
     ]

@@ -141,7 +141,9 @@ def test_from_arrays_goes_through_validation(make_cube: Callable[..., Any]) -> N
         ({"batch_size": 0}, "batch_size"),
     ],
 )
-def test_bad_split_arguments(session_paths: list[Path], kwargs: dict[str, Any], match: str):
+def test_bad_split_arguments(
+    session_paths: list[Path], kwargs: dict[str, Any], match: str
+) -> None:
     with pytest.raises(DataValidationError, match=match):
         _session_dm(session_paths, **kwargs)
 
@@ -171,7 +173,9 @@ def test_mixed_band_counts_rejected(session_paths: list[Path], extra_paths: list
     assert str(session_paths[0]) in str(err.value) and "expected_channels is 204" in str(err.value)
 
 
-def test_cache_budget_is_honoured(session_paths: list[Path], monkeypatch: pytest.MonkeyPatch):
+def test_cache_budget_is_honoured(
+    session_paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     reads: list[tuple[str, int]] = []
     real_read = dm_module.read_frame
 

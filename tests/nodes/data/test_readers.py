@@ -250,7 +250,9 @@ def test_float_mask_with_other_values(make_npz: Callable[..., Path]) -> None:
         read_frames(make_npz(mask=mask))
 
 
-def test_validation_can_be_skipped(make_npz: Callable[..., Path], make_cube: Callable[..., Any]):
+def test_validation_can_be_skipped(
+    make_npz: Callable[..., Path], make_cube: Callable[..., Any]
+) -> None:
     cube, _ = make_cube()
     cube[0, 0, 0] = np.nan
     (frame,) = read_frames(make_npz(cube=cube), validate=False)
@@ -383,6 +385,6 @@ def test_cu3s_frames_at_open_the_session_once(
     path.write_bytes(b"stand-in")
     frames = list(iter_frames_at(path, [3, 0, 2]))
     assert [f.index for f in frames] == [3, 0, 2]
-    assert fake.opened == [str(path)]  # type: ignore[attr-defined]
+    assert fake.opened == [str(path)]
     with pytest.raises(DataValidationError, match=r"index 4 out of range"):
         list(iter_frames_at(path, [4]))
