@@ -18,14 +18,20 @@ import argparse
 import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
-import torch
-from synthetic import TensorBatches, make_cubes_torch
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runs from a bare checkout too (the GPU machine has no install)
+    sys.path.insert(0, str(REPO))
 
-from nodes import (
+import torch  # noqa: E402
+from synthetic import TensorBatches, make_cubes_torch  # noqa: E402
+
+from nodes import (  # noqa: E402
     AnomalyDataNode,
     MinMaxNormalizer,
     Pipeline,
@@ -33,7 +39,7 @@ from nodes import (
     SoftChannelSelector,
     StatisticalTrainer,
 )
-from nodes.stats import MomentAccumulator, MomentState
+from nodes.stats import MomentAccumulator, MomentState  # noqa: E402
 
 
 def chain(c: int, n_select: int = 10) -> Pipeline:
