@@ -7,22 +7,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from nodes import (
-    AnomalyDataNode,
-    AnomalyDetectionMetrics,
-    BinaryDecider,
     ConfigError,
     DataValidationError,
-    MinMaxNormalizer,
     Pipeline,
     PipelineError,
-    RXGlobal,
-    ScoreToLogit,
-    SoftChannelSelector,
     StatisticalTrainer,
 )
 from nodes.data import CubeDataModule
@@ -37,22 +29,10 @@ from nodes.sharding import (
 )
 from nodes.statistical_trainer import PassOptions, accumulate_pass
 from nodes.stats import MomentState
+from tests.sharding_helpers import chain, max_rel_diff, write_npz
 
 N_FRAMES = 7
 TOL = 1e-10
-
-
-def write_npz(directory: Path, cubes: Sequence[np.ndarray],
-              masks: Sequence[np.ndarray]) -> list[Path]:
-    """Frames as Cubert SDK-free exports (cube, wavelengths, mask, class_mask)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (cube, mask) in enumerate(zip(cubes, masks, strict=True)):
-        path = directory / f"frame_{i:03d}.npz"
-        np.savez(path, cube=cube, wavelengths=np.arange(400, 400 + 10 * cube.shape[-1], 10),
-                 mask=mask.astype(np.int32), class_mask=mask.astype(np.uint8))
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -62,40 +42,9 @@ def frames(tmp_path_factory: pytest.TempPathFactory,
     return write_npz(tmp_path_factory.mktemp("npz"), data.cubes, data.masks)
 
 
-def chain(channels: int = 12, head: bool = True) -> Pipeline:
-    """data → normalizer → selector → RX [→ logit head → decider → metrics]: two passes."""
-    pipe = Pipeline("chain")
-    data = AnomalyDataNode()
-    norm = MinMaxNormalizer(name="norm")
-    sel = SoftChannelSelector(n_select=5, input_channels=channels, name="sel")
-    rx = RXGlobal(num_channels=5, eps=0.0, name="rx")
-    pipe.connect((data.cube, norm.data), (norm.normalized, sel.data), (sel.selected, rx.data))
-    if head:
-        logit, decider = ScoreToLogit(name="head"), BinaryDecider(name="decider")
-        metrics = AnomalyDetectionMetrics(name="metrics_anomaly")
-        pipe.connect((rx.scores, logit.scores), (logit.logits, decider.logits),
-                     (decider.decisions, metrics.decisions), (data.mask, metrics.targets))
-    return pipe
-
-
 def make_dm(paths: Sequence[Path], train_ids: Sequence[int], batch_size: int = 2) -> CubeDataModule:
     return CubeDataModule([str(p) for p in paths], list(train_ids), [0], [0],
                           batch_size=batch_size)
-
-
-def max_rel_diff(a: MomentState, b: MomentState) -> float:
-    """Largest relative difference over n, mean, M2, min, max (infinities must agree)."""
-    worst = 0.0
-    for x, y in zip(a.to_dict().values(), b.to_dict().values(), strict=True):
-        finite = torch.isfinite(y)
-        assert torch.equal(finite, torch.isfinite(x))
-        if not bool(finite.any()):
-            continue
-        assert torch.equal(x[~finite], y[~finite])
-        xf, yf = x[finite], y[finite]
-        scale = torch.linalg.norm(yf).clamp_min(1e-300)
-        worst = max(worst, float(torch.linalg.norm(xf - yf) / scale))
-    return worst
 
 
 def fit(pipe: Pipeline, dm: Any, runner: Any = None, **kw: Any) -> Any:

@@ -13,21 +13,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from nodes import (
-    AnomalyDataNode,
-    AnomalyDetectionMetrics,
-    BinaryDecider,
     ConfigError,
     DataValidationError,
-    MinMaxNormalizer,
-    Pipeline,
-    RXGlobal,
-    ScoreToLogit,
-    SoftChannelSelector,
     StatisticalTrainer,
 )
 from nodes.data import CubeDataModule
@@ -47,6 +38,7 @@ from tasks.sharding import (
     task_run_context,
     tune_allocator,
 )
+from tests.sharding_helpers import chain, max_rel_diff, write_npz
 
 disable_telemetry()
 
@@ -54,38 +46,11 @@ N_FRAMES = 7
 TOL = 1e-10
 
 
-def write_npz(directory: Path, cubes: Sequence[np.ndarray],
-              masks: Sequence[np.ndarray]) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (cube, mask) in enumerate(zip(cubes, masks, strict=True)):
-        path = directory / f"frame_{i:03d}.npz"
-        np.savez(path, cube=cube, wavelengths=np.arange(cube.shape[-1]) * 10 + 400,
-                 mask=mask.astype(np.int32), class_mask=mask.astype(np.uint8))
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory: pytest.TempPathFactory,
            cube_factory: Callable[..., Any]) -> list[Path]:
     data = cube_factory(N_FRAMES, seed=20, height=20, width=22, channels=12)
     return write_npz(tmp_path_factory.mktemp("npz"), data.cubes, data.masks)
-
-
-def chain(channels: int = 12) -> Pipeline:
-    """data → normalizer → selector → RX → logit head: two Phase-1 passes."""
-    pipe = Pipeline("chain")
-    data = AnomalyDataNode()
-    norm = MinMaxNormalizer(name="norm")
-    sel = SoftChannelSelector(n_select=5, input_channels=channels, name="sel")
-    rx = RXGlobal(num_channels=5, eps=0.0, name="rx")
-    logit, decider = ScoreToLogit(name="head"), BinaryDecider(name="decider")
-    metrics = AnomalyDetectionMetrics(name="metrics_anomaly")
-    pipe.connect((data.cube, norm.data), (norm.normalized, sel.data), (sel.selected, rx.data),
-                 (rx.scores, logit.scores), (logit.logits, decider.logits),
-                 (decider.decisions, metrics.decisions), (data.mask, metrics.targets))
-    return pipe
 
 
 def spec_of(frames: Sequence[Path], ids: Sequence[int]) -> ShardDataSpec:
@@ -100,17 +65,6 @@ def fit(dm: Any, runner: Any = None, **kw: Any) -> Any:
 def single(frames: Sequence[Path], ids: Sequence[int], **kw: Any) -> Any:
     dm = CubeDataModule([str(p) for p in frames], list(ids), [0], [0], batch_size=2)
     return fit(dm, **kw)
-
-
-def max_rel_diff(a: MomentState, b: MomentState) -> float:
-    worst = 0.0
-    for x, y in zip(a.to_dict().values(), b.to_dict().values(), strict=True):
-        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
-        finite = torch.isfinite(y)
-        if bool(finite.any()):
-            scale = torch.linalg.norm(y[finite]).clamp_min(1e-300)
-            worst = max(worst, float(torch.linalg.norm(x[finite] - y[finite]) / scale))
-    return worst
 
 
 def assert_same_statistics(sharded: Any, reference: Any) -> None:
