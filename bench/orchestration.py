@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, cast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.flows.helpers import copy_repo, edit_params, free_port, wait_healthy  # noqa: E402
+from tests.flows.helpers import (  # noqa: E402
+    copy_repo,
+    edit_params,
+    free_port,
+    prefect_server_command,
+    wait_healthy,
+)
 
 if TYPE_CHECKING:
     from nodes import AnomalyDetectionMetrics, Node
@@ -167,18 +173,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_HOME": str(base / "server-home"), "PREFECT_UI_ENABLED": "false"}
     server = subprocess.Popen(
-        [
-            py,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-        ],
+        prefect_server_command(port),
         env=server_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tasks.env import disable_telemetry
-from tests.flows.helpers import FAST_PARAMS, copy_repo, edit_params, free_port, wait_healthy
+from tests.flows.helpers import (
+    FAST_PARAMS,
+    copy_repo,
+    edit_params,
+    free_port,
+    prefect_server_command,
+    wait_healthy,
+)
 
 disable_telemetry()
 
@@ -54,18 +60,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     log = (home / "server.log").open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-        ],
+        prefect_server_command(port),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -70,6 +71,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def prefect_server_command(port: int) -> list[str]:
+    """``prefect server start`` on 127.0.0.1:``port`` without the UI, in this interpreter."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            "--port", str(port), "--no-ui"]
 
 
 def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
