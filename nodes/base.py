@@ -42,16 +42,28 @@ class Node(nn.Module):
     pixel) implement :meth:`affine_map` so the moments of the raw data can be carried through them
     and Phase 1 reads the data once.
 
+    Nodes written in the reference guide's pattern implement
+    :meth:`statistical_initialization` instead: Phase 1 then feeds them a stream of their input
+    ports (one extra pass each, see :class:`~nodes.statistical_trainer.FitReport`).
+
     Args:
-        name: Unique name in the pipeline; defaults to the snake-cased class name.
+        name: Unique name in the pipeline; defaults to the class's ``DEFAULT_NAME`` (the name the
+            reference guide uses, e.g. ``"rx_detector"``), else the snake-cased class name. A
+            defaulted name that is already taken in a pipeline gets a numbered suffix
+            (``rx_detector_2``) when the node is added; an explicit one is an error.
         execution_stages: Stages this node runs in; defaults to ``DEFAULT_STAGES``.
     """
 
     INPUT_SPECS: ClassVar[dict[str, PortSpec]] = {}
     OUTPUT_SPECS: ClassVar[dict[str, PortSpec]] = {}
     DEFAULT_STAGES: ClassVar[frozenset[str]] = frozenset(STAGES)
+    #: Name given when the constructor gets none (None: the snake-cased class name).
+    DEFAULT_NAME: ClassVar[str | None] = None
     #: Fitted buffers that :meth:`unfreeze` turns into parameters.
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ()
+    #: Buffers that hold the fitted statistics; assigning finite values to all of them by hand
+    #: (a manual restore) marks the node initialized. Defaults to ``TRAINABLE_BUFFERS``.
+    FITTED_BUFFERS: ClassVar[tuple[str, ...] | None] = None
     #: The port whose moments a statistical node fits on, and the port an affine map feeds.
     MAIN_INPUT: ClassVar[str | None] = None
     MAIN_OUTPUT: ClassVar[str | None] = None
@@ -64,7 +76,9 @@ class Node(nn.Module):
 
     def __init__(self, name: str | None = None, execution_stages: Iterable[str] | None = None):
         super().__init__()
-        self.name: str = name or _snake(type(self).__name__)
+        self.name: str = name or self.DEFAULT_NAME or _snake(type(self).__name__)
+        #: Whether ``name`` was defaulted (a pipeline may then number it to keep names unique).
+        self.name_is_default: bool = not name
         stages = frozenset(execution_stages) if execution_stages is not None else None
         if stages is not None and not stages <= set(STAGES):
             raise CubelineError(
@@ -108,8 +122,12 @@ class Node(nn.Module):
     # ------------------------------------------------------- statistical part
     @property
     def requires_initial_fit(self) -> bool:
-        """Whether Phase 1 must fit this node before it can be used."""
-        return False
+        """Whether Phase 1 must fit this node before it can be used.
+
+        False by default; True for a node that implements only
+        :meth:`statistical_initialization` (the guide's pattern).
+        """
+        return self.fits_from_stream
 
     @property
     def fit_needs_minmax(self) -> bool:
@@ -120,11 +138,52 @@ class Node(nn.Module):
         """Fit the node's buffers from the float64 moments of its ``MAIN_INPUT``."""
         raise NotImplementedError(f"{type(self).__name__} has no statistical initialization")
 
+    def statistical_initialization(self, input_stream: Iterable[Mapping[str, Tensor]]) -> None:
+        """Fit from a stream of batches, each a dict keyed by this node's input port names.
+
+        The reference guide's entry point. Built-in nodes fit from moments: this default folds
+        the stream's ``MAIN_INPUT`` into float64 moments and calls :meth:`fit_from_moments`.
+        Custom nodes may override it instead of :meth:`fit_from_moments`; the
+        :class:`~nodes.statistical_trainer.StatisticalTrainer` then feeds them the stream (one
+        extra pass over the training data per such node) and marks them initialized.
+        """
+        from nodes.stats import MomentAccumulator
+
+        if type(self).fit_from_moments is Node.fit_from_moments or self.MAIN_INPUT is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no statistical initialization; implement "
+                "statistical_initialization(self, input_stream) or fit_from_moments(self, moments)"
+            )
+        acc: MomentAccumulator | None = None
+        for item in input_stream:
+            x = item[self.MAIN_INPUT]
+            x = x.reshape(-1, x.shape[-1]) if x.ndim == 4 else x.reshape(-1, 1)
+            if acc is None:
+                acc = MomentAccumulator(int(x.shape[1]), device=x.device)
+            acc.update(x)
+        if acc is None:
+            raise CubelineError(f"node {self.name!r}: the input stream held no batch")
+        self.fit_from_moments(acc.finalize())
+
+    @property
+    def fits_from_stream(self) -> bool:
+        """Whether Phase 1 must feed this node a stream (it overrides only the stream method)."""
+        cls = type(self)
+        return (cls.statistical_initialization is not Node.statistical_initialization
+                and cls.fit_from_moments is Node.fit_from_moments)
+
     def _init_fit_flag(self) -> None:
         self.register_buffer("fitted", torch.tensor(False))
 
     def _mark_fitted(self) -> None:
-        self.fitted.fill_(True)
+        self._set_fitted(True)
+
+    def _set_fitted(self, value: bool) -> None:
+        flag = self._buffers.get("fitted")
+        if flag is not None:
+            flag.fill_(bool(value))
+        else:  # a custom node without the flag buffer (e.g. written in the guide's pattern)
+            self.__dict__["_fitted_flag"] = bool(value)
 
     @property
     def is_initialized(self) -> bool:
@@ -132,12 +191,56 @@ class Node(nn.Module):
         if not self.requires_initial_fit:
             return True
         flag = self._buffers.get("fitted")
-        return bool(flag is not None and flag.item())
+        if flag is None:
+            return bool(self.__dict__.get("_fitted_flag", False))
+        return bool(flag.item())
+
+    def _fitted_buffer_names(self) -> tuple[str, ...]:
+        names = self.FITTED_BUFFERS
+        return self.TRAINABLE_BUFFERS if names is None else names
+
+    def mark_initialized(self) -> None:
+        """Declare the node fitted after its statistics were set by hand (a manual restore).
+
+        Raises:
+            NotInitializedError: A fitted buffer still holds NaN (never assigned).
+        """
+        for bname in self._fitted_buffer_names():
+            value = getattr(self, bname, None)
+            if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                raise NotInitializedError(
+                    f"node {self.name!r} ({type(self).__name__}): {bname} holds NaN; assign "
+                    f"all of {list(self._fitted_buffer_names())} before marking it initialized"
+                )
+        self._set_fitted(True)
 
     @property
     def _statistically_initialized(self) -> bool:
-        # The guide's spelling, kept for users coming from it.
+        # The guide's spelling, kept for users coming from it (settable, as the guide does).
         return self.is_initialized
+
+    @_statistically_initialized.setter
+    def _statistically_initialized(self, value: bool) -> None:
+        if value:
+            self.mark_initialized()
+        else:
+            self._set_fitted(False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A manual restore (node.mu = ..., node.sigma = ...) marks the node initialized once every
+        # fitted buffer holds finite values, whatever the order of the assignments.
+        if (
+            isinstance(value, Tensor)
+            and name in self._fitted_buffer_names()
+            and not self.is_initialized
+            and all(
+                isinstance(t := getattr(self, b, None), Tensor) and t.numel() > 0
+                and bool(torch.isfinite(t).all())
+                for b in self._fitted_buffer_names()
+            )
+        ):
+            self._set_fitted(True)
 
     def check_initialized(self) -> None:
         """Raise :class:`NotInitializedError` if Phase 1 has not fitted this node."""
@@ -171,6 +274,18 @@ class Node(nn.Module):
     def is_frozen(self) -> bool:
         """True when none of the trainable buffers is currently a parameter."""
         return not any(n in self._parameters for n in self.TRAINABLE_BUFFERS)
+
+    @property
+    def freezed(self) -> bool:
+        """The guide's name for :attr:`is_frozen`: False once the node is unfrozen for training."""
+        return self.is_frozen
+
+    @freezed.setter
+    def freezed(self, value: bool) -> None:
+        if value:
+            self.freeze()
+        else:
+            self.unfreeze()
 
     def unfreeze(self) -> None:
         """Turn the node's fitted buffers into ``nn.Parameter`` s (state-dict keys unchanged)."""

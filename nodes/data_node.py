@@ -33,8 +33,9 @@ class AnomalyDataNode(Node):
         "wavelengths": PortSpec("float", ("B", "C"), "band centre wavelengths (nm) or indices"),
     }
     consumes_batch: ClassVar[bool] = True
+    DEFAULT_NAME: ClassVar[str | None] = "data"
 
-    def __init__(self, normal_class_ids: Sequence[int] = (0,), name: str | None = "data",
+    def __init__(self, normal_class_ids: Sequence[int] = (0,), name: str | None = None,
                  **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
         self.normal_class_ids = [int(i) for i in normal_class_ids]

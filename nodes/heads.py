@@ -39,6 +39,7 @@ class ScoreToLogit(Node):
         "logits": PortSpec("float", _MAP, "anomaly logits"),
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("scale", "bias")
+    DEFAULT_NAME: ClassVar[str | None] = "logit_head"
     MAIN_INPUT: ClassVar[str | None] = "scores"
     AFFINE: ClassVar[bool] = True
     AFFINE_KEEPS_MINMAX: ClassVar[bool] = True
@@ -99,6 +100,7 @@ class BinaryDecider(Node):
     OUTPUT_SPECS: ClassVar[dict[str, PortSpec]] = {
         "decisions": PortSpec("bool", _MAP, "anomaly decisions"),
     }
+    DEFAULT_NAME: ClassVar[str | None] = "decider"
 
     def __init__(self, threshold: float = 0.5, name: str | None = None, **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]

@@ -90,8 +90,9 @@ class AnomalyDetectionMetrics(Node):
     OUTPUT_SPECS: ClassVar[dict[str, PortSpec]] = {}
     DEFAULT_STAGES: ClassVar[frozenset[str]] = frozenset({"val", "test"})
     METRIC_NAMES: ClassVar[tuple[str, ...]] = ("iou", "f1", "precision", "recall", "ap", "auroc")
+    DEFAULT_NAME: ClassVar[str | None] = "metrics_anomaly"
 
-    def __init__(self, name: str = "metrics_anomaly", num_thresholds: int = 4000,
+    def __init__(self, name: str | None = None, num_thresholds: int = 4000,
                  logit_range: float = 40.0, **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
         self._remember(num_thresholds=int(num_thresholds), logit_range=float(logit_range))

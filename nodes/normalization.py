@@ -38,6 +38,7 @@ class MinMaxNormalizer(Node):
         "normalized": PortSpec("float", _CUBE, "cube scaled to [0, 1]"),
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("running_min", "running_max")
+    DEFAULT_NAME: ClassVar[str | None] = "normalizer"
     MAIN_INPUT: ClassVar[str | None] = "data"
     AFFINE: ClassVar[bool] = True
     AFFINE_KEEPS_MINMAX: ClassVar[bool] = True

@@ -33,6 +33,8 @@ class TrainablePCA(Node):
         "projected": PortSpec("float", ("B", "H", "W", "n_components"), "principal scores"),
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("components",)
+    FITTED_BUFFERS: ClassVar[tuple[str, ...] | None] = ("mean", "components")
+    DEFAULT_NAME: ClassVar[str | None] = "pca"
     MAIN_INPUT: ClassVar[str | None] = "data"
     AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "projected"

@@ -21,6 +21,10 @@ from nodes.registry import node_class
 
 FORMAT = "cubeline.pipeline/1"
 
+#: Output key under which the batch's cube is exposed when a pipeline without a data node feeds
+#: it to unconnected ``data`` inputs (and the root port Phase 1 accumulates moments at).
+BATCH_CUBE = "batch.cube"
+
 
 @dataclass
 class PipelineMetadata:
@@ -114,18 +118,37 @@ class Pipeline(nn.Module):
         self._pending_unfreeze: list[str] = []
 
     # ------------------------------------------------------------ building
+    def _name_for(self, node: Node, taken: Mapping[str, Node]) -> str:
+        """The name ``node`` gets in this pipeline, given the nodes in ``taken`` by name.
+
+        A defaulted name that is taken gets the first free suffix ``_2``, ``_3``, ...; an
+        explicit one is an error naming the clash.
+        """
+        existing = taken.get(node.name)
+        if existing is None or existing is node:
+            return node.name
+        if not node.name_is_default:
+            raise PipelineError(
+                f"pipeline {self.name!r} already has a node named {node.name!r} "
+                f"({type(existing).__name__}); pass a unique name=... to {type(node).__name__}"
+            )
+        i = 2
+        while f"{node.name}_{i}" in taken:
+            i += 1
+        return f"{node.name}_{i}"
+
     def add_node(self, node: Node) -> Node:
-        """Add a node; its name must be unique in the pipeline."""
+        """Add a node; its name must be unique in the pipeline.
+
+        A node whose name was defaulted (``RXGlobal()`` is ``rx_detector``) and is taken already
+        is renamed with a numbered suffix (``rx_detector_2``); a clash of explicit names is a
+        :class:`PipelineError`.
+        """
         if not isinstance(node, Node):
             raise PipelineError(f"add_node expects a Node, got {type(node).__name__}")
-        existing = self.nodes[node.name] if node.name in self.nodes else None  # noqa: SIM401
-        if existing is node:
+        if any(n is node for n in self.nodes.values()):
             return node
-        if existing is not None:
-            raise PipelineError(
-                f"pipeline {self.name!r} already has a node named {node.name!r}; pass a unique "
-                f"name=... to {type(node).__name__}"
-            )
+        node.name = self._name_for(node, dict(self.nodes.items()))  # type: ignore[arg-type]
         self.nodes[node.name] = node
         self._topo_cache = None
         return node
@@ -143,20 +166,33 @@ class Pipeline(nn.Module):
             out, inp = (self._port(p) for p in pair)
             _check_pair(out, inp)
             resolved.append((out, inp))
-        taken = {(e.dst, e.dst_port): e for e in self.edges}
+        # Names the new nodes will get (numbered where a defaulted name is taken), decided
+        # before anything changes so a failing call leaves the pipeline as it was.
+        by_name: dict[str, Node] = dict(self.nodes.items())  # type: ignore[arg-type]
+        planned: dict[int, str] = {id(n): n.name for n in by_name.values()}
         for out, inp in resolved:
-            key = (inp.node.name, inp.name)
+            for node in (out.node, inp.node):
+                if id(node) not in planned:
+                    planned[id(node)] = self._name_for(node, by_name)
+                    by_name[planned[id(node)]] = node
+        new_edges = [
+            (out, inp, Edge(planned[id(out.node)], out.name, planned[id(inp.node)], inp.name))
+            for out, inp in resolved
+        ]
+        taken = {(e.dst, e.dst_port): e for e in self.edges}
+        for out, inp, edge in new_edges:
+            key = (edge.dst, edge.dst_port)
             if key in taken:
                 raise PortConnectionError(
                     f"cannot connect {out.qualified} -> {inp.qualified}: {inp.qualified} is "
                     f"already fed by {taken[key].src}.{taken[key].src_port}"
                 )
-            taken[key] = Edge(out.node.name, out.name, inp.node.name, inp.name)
+            taken[key] = edge
         _check_acyclic([*self.edges, *taken.values()], self.name)
-        for out, inp in resolved:
+        for out, inp, edge in new_edges:
             self.add_node(out.node)
             self.add_node(inp.node)
-            self.edges.append(Edge(out.node.name, out.name, inp.node.name, inp.name))
+            self.edges.append(edge)
         self._topo_cache = None
         return self
 
@@ -220,6 +256,20 @@ class Pipeline(nn.Module):
             todo.extend(e.src for e in self.edges if e.dst == n)
         return seen
 
+    def implicit_cube_inputs(self) -> list[str]:
+        """Nodes whose unconnected ``data`` input is fed the batch's cube (see :meth:`forward`).
+
+        Only in a pipeline without a data node (a node that reads the batch itself): there the
+        batch's ``cube`` is the one possible source. With a data node, an unconnected input stays
+        an error, since the data node's ``cube`` port is then the explicit source to connect.
+        """
+        if any(n.consumes_batch for n in self.nodes.values()):  # type: ignore[attr-defined]
+            return []
+        return [
+            name for name, node in self.nodes.items()
+            if "data" in type(node).INPUT_SPECS and "data" not in self.inputs_of(name)
+        ]
+
     def nodes_of_type(self, cls: type[Node]) -> list[Node]:
         """Nodes that are instances of ``cls`` (topological order)."""
         return [n for n in self.node_list() if isinstance(n, cls)]
@@ -253,6 +303,16 @@ class Pipeline(nn.Module):
         if outputs is not None:
             wanted = self.ancestors(o.split(".", 1)[0] for o in outputs)
         values: dict[str, Tensor] = {}
+        implicit = set(self.implicit_cube_inputs())
+        if implicit:
+            if "cube" not in data:
+                raise PipelineError(
+                    f"nodes {sorted(implicit)} have no connection into their 'data' input and "
+                    f"pipeline {self.name!r} has no data node, so they read the batch's 'cube', "
+                    f"but the batch has none (keys: {sorted(data)}); pass batch={{'cube': ...}} "
+                    "or connect a data node"
+                )
+            values[BATCH_CUBE] = data["cube"]
         for name in self.topological_order():
             node: Node = self.nodes[name]  # type: ignore[assignment]
             if wanted is not None and name not in wanted:
@@ -271,6 +331,8 @@ class Pipeline(nn.Module):
                             f"stage {stage!r}; make {edge.src!r} active in that stage"
                         )
                     kw[port] = values[key]
+                if name in implicit:
+                    kw["data"] = values[BATCH_CUBE]
                 missing = [
                     p for p, s in type(node).INPUT_SPECS.items() if p not in kw and not s.optional
                 ]

@@ -62,6 +62,7 @@ class RXGlobal(Node):
         "scores": PortSpec("float", ("B", "H", "W"), "squared Mahalanobis distance"),
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("mu", "cov_factor")
+    DEFAULT_NAME: ClassVar[str | None] = "rx_detector"
     MAIN_INPUT: ClassVar[str | None] = "data"
     mu: Tensor
     cov_factor: Tensor

@@ -43,6 +43,7 @@ class SoftChannelSelector(Node):
         "weights": PortSpec("float", ("n_select", "input_channels"), "soft selection weights"),
     }
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("channel_logits",)
+    DEFAULT_NAME: ClassVar[str | None] = "selector"
     MAIN_INPUT: ClassVar[str | None] = "data"
     AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "selected"

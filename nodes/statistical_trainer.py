@@ -6,6 +6,12 @@ accumulates float64 moments (:class:`~nodes.stats.MomentAccumulator`) at every r
 upstream nodes are already fitted; the nodes are then fitted in topological order from the root
 moments pushed through the (now fitted) affine maps. A chain normalizer → selector → RX thus costs
 one pass; a node behind a non-affine one (e.g. a logit head behind RX) needs one more.
+
+Nodes written in the reference guide's pattern (they implement only
+``statistical_initialization(input_stream)``) are fitted from a stream of their input ports,
+one extra pass each, once everything upstream of them is fitted. In a pipeline without a data
+node, an unconnected ``data`` input reads the batch's cube (:data:`nodes.pipeline.BATCH_CUBE`),
+so a statistical node added alone can be fitted.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from nodes.base import Node
 from nodes.data_node import AnomalyDataNode
 from nodes.errors import CubelineError, DataValidationError, PipelineError
 from nodes.metrics import AnomalyDetectionMetrics
-from nodes.pipeline import Pipeline
+from nodes.pipeline import BATCH_CUBE, Pipeline
 from nodes.stats import MomentAccumulator, MomentState, merge_all
 
 
@@ -38,6 +44,9 @@ class FitReport:
             cube moments are the raw-band statistics the drift check compares against.
         fitted: Names of the nodes fitted, in order.
         plan: For each fitted node, its root port and the affine chain between.
+        stream_fitted: Nodes fitted through their own ``statistical_initialization`` stream (the
+            guide's pattern); each cost one extra pass over the training data, counted in
+            ``passes``.
     """
 
     passes: int = 0
@@ -46,6 +55,7 @@ class FitReport:
     root_moments: dict[str, MomentState] = field(default_factory=dict)
     fitted: list[str] = field(default_factory=list)
     plan: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    stream_fitted: list[str] = field(default_factory=list)
 
 
 def _as_samples(t: Tensor) -> Tensor:
@@ -89,6 +99,12 @@ def all_merge(state: MomentState) -> MomentState:
 
 
 def _width_of(pipeline: Pipeline, root: str) -> int:
+    if root == BATCH_CUBE:  # as wide as the node it feeds expects
+        for name in pipeline.implicit_cube_inputs():
+            width = pipeline.nodes[name].data.resolved_dims()[-1]
+            if isinstance(width, int):
+                return width
+        raise PipelineError(f"rank has no batch and cannot infer the width of {root}")
     node_name, port = root.split(".", 1)
     node: Node = pipeline.nodes[node_name]  # type: ignore[assignment]
     spec = type(node).OUTPUT_SPECS[port]
@@ -259,13 +275,21 @@ class StatisticalTrainer:
         p = self.pipeline
         chain: list[str] = []
         current = node
+        implicit = set(p.implicit_cube_inputs())
         while True:
             port = current.MAIN_INPUT
             edge = p.inputs_of(current.name).get(port or "")
+            if edge is None and port == "data" and current.name in implicit:
+                return BATCH_CUBE, chain
             if edge is None:
+                hint = ""
+                if port == "data":
+                    hint = (" (an unconnected 'data' input reads the batch's cube only in a "
+                            "pipeline without a data node; this one has a data node, so connect "
+                            f"(data_node.cube, {current.name}.data))")
                 raise PipelineError(
                     f"statistical node {current.name!r} has no connection into its input "
-                    f"{port!r}; connect it before StatisticalTrainer.fit()"
+                    f"{port!r}{hint}; connect it before StatisticalTrainer.fit()"
                 )
             src: Node = p.nodes[edge.src]  # type: ignore[assignment]
             passes_through = (
@@ -308,12 +332,13 @@ class StatisticalTrainer:
         report = FitReport()
         while pending:
             pending_names = {n.name for n in pending}
-            plans = {n.name: self._root_of(n) for n in pending}
+            streamed = [n for n in pending if n.fits_from_stream]
+            plans = {n.name: self._root_of(n) for n in pending if not n.fits_from_stream}
             # A node is ready when everything upstream of its root is fitted and every affine
             # node between root and node is fitted already or ready in this same pass.
             ready_names = {
-                n.name for n in pending
-                if not (p.ancestors([plans[n.name][0].split(".", 1)[0]]) & pending_names)
+                name for name, (root, _chain) in plans.items()
+                if not (p.ancestors([root.split(".", 1)[0]]) & pending_names)
             }
             changed = True
             while changed:
@@ -324,14 +349,25 @@ class StatisticalTrainer:
                 changed = bool(blocked)
                 ready_names -= blocked
             ready = [n for n in pending if n.name in ready_names]
-            if not ready:  # cannot happen in a DAG; guard against an endless loop
+            ready_streamed = [
+                n for n in streamed if not ((p.ancestors([n.name]) - {n.name}) & pending_names)
+            ]
+            if not ready and not ready_streamed:  # cannot happen in a DAG; avoid an endless loop
                 raise PipelineError(f"cannot order the statistical nodes {sorted(pending_names)}")
+            for node in ready_streamed:
+                self._fit_from_stream(node)
+                report.passes += 1
+                report.fitted.append(node.name)
+                report.stream_fitted.append(node.name)
+            pending = [n for n in pending if n not in ready_streamed]
+            if not ready:
+                continue
             roots = sorted({plans[n.name][0] for n in ready})
             # The nodes are fitted from host copies of the moments: a few tiny float64
             # operations each, which on a GPU would cost a launch (and often a sync) apiece.
             moments = {r: _to_host(m) for r, m in self._run_pass(roots).items()}
             report.passes += 1
-            if report.passes == 1:
+            if not report.pixels:
                 report.pixels = moments[roots[0]].count
             for root in roots:
                 state = moments[root]
@@ -365,6 +401,40 @@ class StatisticalTrainer:
         report.seconds = time.perf_counter() - t0
         self.report = report
         return report
+
+    def _fit_from_stream(self, node: Node) -> None:
+        """Feed ``node`` its input ports batch by batch (one pass) and mark it initialized.
+
+        Every process reads the whole training split here (no sharding), so DDP ranks fit the
+        same statistics; ``normal_only`` and ``sample_fraction`` select pixels of moment-fitted
+        nodes only, since a stream keeps the (B, H, W, C) shape the node expects.
+        """
+        p = self.pipeline
+        keys = {port: f"{e.src}.{e.src_port}" for port, e in p.inputs_of(node.name).items()}
+        if "data" in type(node).INPUT_SPECS and node.name in p.implicit_cube_inputs():
+            keys["data"] = BATCH_CUBE
+        missing = [k for k, spec in type(node).INPUT_SPECS.items()
+                   if k not in keys and not spec.optional]
+        if missing:
+            raise PipelineError(
+                f"statistical node {node.name!r} has unconnected inputs {missing}; connect them "
+                "before StatisticalTrainer.fit()"
+            )
+        trainer = self
+
+        class _InputStream:
+            """Re-iterable: each iteration is one pass over the training split."""
+
+            def __iter__(self) -> Iterator[dict[str, Tensor]]:
+                with torch.no_grad():
+                    for batch in trainer._batches("train"):
+                        out = p.forward(batch, stage="train", outputs=list(keys.values()))
+                        yield {port: out[key] for port, key in keys.items()}
+
+        with torch.no_grad():
+            node.statistical_initialization(_InputStream())
+        if not node.is_initialized:
+            node.mark_initialized()
 
     def _run_pass(self, roots: list[str]) -> dict[str, MomentState]:
         """One pass over the training data: global moments at every root port."""

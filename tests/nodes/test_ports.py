@@ -67,7 +67,7 @@ def test_unknown_port_names_the_port_and_lists_valid_ones() -> None:
     assert getattr(head, "nope", 42) == 42
 
 
-def test_default_name_is_snake_case_class_name() -> None:
-    assert ScoreToLogit().name == "score_to_logit"
-    assert SoftChannelSelector(2, 4, init_method="uniform").name == "soft_channel_selector"
+def test_default_names_are_the_guides() -> None:
+    assert ScoreToLogit().name == "logit_head"
+    assert SoftChannelSelector(2, 4, init_method="uniform").name == "selector"
     assert ScoreToLogit(name="custom").name == "custom"
