@@ -35,8 +35,8 @@ class AnomalyBCEWithLogits(Node):
     DEFAULT_STAGES: ClassVar[frozenset[str]] = frozenset({"train", "val", "test"})
     DEFAULT_NAME: ClassVar[str | None] = "bce"
 
-    def __init__(self, name: str | None = None, weight: float = 1.0, pos_weight: float | None = None,
-                 **kwargs: object) -> None:
+    def __init__(self, name: str | None = None, weight: float = 1.0,
+                 pos_weight: float | None = None, **kwargs: object) -> None:
         super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
         self.weight = float(weight)
         self._remember(weight=self.weight, pos_weight=pos_weight)

@@ -263,11 +263,12 @@ class Pipeline(nn.Module):
         batch's ``cube`` is the one possible source. With a data node, an unconnected input stays
         an error, since the data node's ``cube`` port is then the explicit source to connect.
         """
-        if any(n.consumes_batch for n in self.nodes.values()):  # type: ignore[attr-defined]
+        nodes: list[Node] = list(self.nodes.values())  # type: ignore[arg-type]
+        if any(n.consumes_batch for n in nodes):
             return []
         return [
-            name for name, node in self.nodes.items()
-            if "data" in type(node).INPUT_SPECS and "data" not in self.inputs_of(name)
+            n.name for n in nodes
+            if "data" in type(n).INPUT_SPECS and "data" not in self.inputs_of(n.name)
         ]
 
     def nodes_of_type(self, cls: type[Node]) -> list[Node]:

@@ -101,16 +101,17 @@ def all_merge(state: MomentState) -> MomentState:
 def _width_of(pipeline: Pipeline, root: str) -> int:
     if root == BATCH_CUBE:  # as wide as the node it feeds expects
         for name in pipeline.implicit_cube_inputs():
-            width = pipeline.nodes[name].data.resolved_dims()[-1]
+            node: Node = pipeline.nodes[name]  # type: ignore[assignment]
+            width = node.data.resolved_dims()[-1]
             if isinstance(width, int):
                 return width
         raise PipelineError(f"rank has no batch and cannot infer the width of {root}")
     node_name, port = root.split(".", 1)
-    node: Node = pipeline.nodes[node_name]  # type: ignore[assignment]
-    spec = type(node).OUTPUT_SPECS[port]
+    src: Node = pipeline.nodes[node_name]  # type: ignore[assignment]
+    spec = type(src).OUTPUT_SPECS[port]
     if len(spec.dims) == 3:
         return 1
-    width = getattr(node, spec.dims[-1], None)
+    width = getattr(src, spec.dims[-1], None)
     if not isinstance(width, int):
         raise PipelineError(f"rank has no batch and cannot infer the width of {root}")
     return width
