@@ -17,6 +17,7 @@ from nodes.data.readers import (
     iter_frames_at,
     read_frame,
     read_frames,
+    write_session_npz,
 )
 from nodes.data.schemas import (
     AnnotationSchema,
@@ -45,4 +46,5 @@ __all__ = [
     "read_frames",
     "validate_annotations",
     "validate_frames",
+    "write_session_npz",
 ]

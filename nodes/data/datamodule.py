@@ -502,10 +502,14 @@ class CubeDataModule(L.LightningDataModule):
 
 
 class SingleCu3sDataModule(CubeDataModule):
-    """One Cubert session (``.cu3s``) plus its COCO annotation file, split by frame index.
+    """One multi-frame session file plus its optional COCO annotation file, split by frame index.
+
+    The file is a Cubert ``.cu3s`` session (read through Cubert's SDK where it is installed) or
+    its SDK-free stand-in, a multi-frame ``.npz`` export (``cube`` (N, H, W, C), ``mask``,
+    ``class_mask``; see :mod:`nodes.data.readers` and ``scripts/build_session_npz.py``).
 
     Args:
-        cu3s_file_path: The session file (frame ids = measurement indices).
+        cu3s_file_path: The session file (frame ids = measurement / frame indices).
         annotation_json_path: COCO JSON whose ``image_id`` is the measurement index (or None).
         train_ids: Training frame ids.
         val_ids: Validation frame ids.

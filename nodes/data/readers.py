@@ -12,6 +12,10 @@ Formats:
   keys ``data`` (H, W, C integer counts) and ``map`` (H, W; 1 = anomaly). One frame per file.
 - ``.npz`` (Cubert's SDK-free export, one frame per file): ``cube`` (H, W, C) float32,
   ``wavelengths`` (C,) int, ``mask`` (H, W) int, ``class_mask`` (H, W) uint8.
+- multi-frame ``.npz`` (a whole session in one file, the SDK-free stand-in for a ``.cu3s``):
+  the same keys with a leading frame axis, ``cube`` (N, H, W, C), ``mask`` / ``class_mask``
+  (N, H, W), ``wavelengths`` (C,) shared or (N, C); optional ``frame_names`` (N,) str.
+  ``scripts/build_session_npz.py`` writes the bundled session in this form.
 - ``.cu3s`` (Cubert session, many measurements): read through Cubert's ``cuvis`` SDK, imported
   only when such a file is read, since it needs Cubert's native library.
 """
@@ -19,7 +23,7 @@ Formats:
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,21 +232,8 @@ def read_mat(path: str | Path) -> Frame:
     )
 
 
-def read_npz(path: str | Path, require_labels: bool = True) -> Frame:
-    """Read one Cubert SDK-free ``.npz`` export (cube, wavelengths, mask, class_mask).
-
-    Args:
-        path: ``.npz`` file.
-        require_labels: If False, a file without ``mask`` and ``class_mask`` is accepted (its
-            frame is marked unlabelled; labels then come from a COCO annotation file).
-
-    Returns:
-        The frame. Without ``mask`` but with ``class_mask``, the mask is ``class_mask != 0``.
-
-    Raises:
-        DataValidationError: File missing, not a valid zip/npz, truncated member, or wrong keys.
-    """
-    path = Path(path)
+def _load_npz(path: Path, require_labels: bool) -> tuple[dict[str, np.ndarray], bool]:
+    """The arrays of an ``.npz`` export (single- or multi-frame) and whether it has labels."""
     if not path.is_file():
         raise _missing_file_error(path)
     corrupt_fix = (
@@ -278,31 +269,99 @@ def read_npz(path: str | Path, require_labels: bool = True) -> Frame:
             raise DataValidationError(
                 f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); {corrupt_fix}"
             ) from exc
-    fix = "cube must be (H, W, C) numeric, mask and class_mask (H, W) integer, wavelengths (C,)."
-    cube = _as_numeric_array(arrays["cube"], path, "cube", 3, fix)
-    class_mask = None
-    if "class_mask" in arrays:
-        class_mask = _as_numeric_array(arrays["class_mask"], path, "class_mask", 2, fix)
+    return arrays, has_labels
+
+
+def _npz_frame(path: Path, arrays: dict[str, np.ndarray], has_labels: bool,
+               index: int | None) -> Frame:
+    """Frame ``index`` of a multi-frame export's arrays, or the frame of a single-frame one."""
+    multi = index is not None
+    lead = "(N, H, W, C)" if multi else "(H, W, C)"
+    fix = (f"cube must be {lead} numeric, mask and class_mask {lead[:-4]}) integer, "
+           "wavelengths (C,)" + (" or (N, C)." if multi else "."))
+    off = 1 if multi else 0
+
+    def pick(key: str, ndim: int) -> np.ndarray:
+        arr = _as_numeric_array(arrays[key], path, key, ndim + off, fix)
+        return arr[index] if multi else arr
+
+    cube = pick("cube", 3)
+    class_mask = pick("class_mask", 2) if "class_mask" in arrays else None
     if "mask" in arrays:
-        mask = _to_mask(_as_numeric_array(arrays["mask"], path, "mask", 2, fix), path, "mask")
+        mask = _to_mask(pick("mask", 2), path, "mask")
     elif class_mask is not None:
         mask = class_mask != 0
     else:
         mask = np.zeros(cube.shape[:2], dtype=bool)
     wavelengths = None
     if "wavelengths" in arrays:
-        wavelengths = _as_numeric_array(arrays["wavelengths"], path, "wavelengths", 1, fix)
-        wavelengths = np.asarray(wavelengths, dtype=np.float32)
+        wl = np.asarray(arrays["wavelengths"])
+        if multi and wl.ndim == 2:
+            wl = wl[index]
+        wavelengths = np.asarray(
+            _as_numeric_array(wl, path, "wavelengths", 1, fix), dtype=np.float32
+        )
     return Frame(
         cube=_cube_to_float32(cube),
         mask=mask,
         wavelengths=wavelengths,
         class_mask=None if class_mask is None else np.asarray(class_mask, dtype=np.int64),
         source=path,
-        index=0,
+        index=0 if index is None else index,
         raw_dtype=str(cube.dtype),
         labelled=has_labels,
     )
+
+
+def _npz_frame_count(path: Path, arrays: dict[str, np.ndarray]) -> int | None:
+    """Frames of a multi-frame export (rank-4 cube), None for a single-frame one."""
+    ndim = np.ndim(arrays["cube"])
+    if ndim == 4:
+        n = int(np.shape(arrays["cube"])[0])
+        for key in ("mask", "class_mask"):
+            if key in arrays and (np.ndim(arrays[key]) != 3 or np.shape(arrays[key])[0] != n):
+                raise DataValidationError(
+                    f"{path}: a multi-frame export has cube {np.shape(arrays['cube'])} but "
+                    f"{key} {np.shape(arrays[key])}. Fix: give {key} one (H, W) plane per frame, "
+                    "shape (N, H, W)."
+                )
+        return n
+    return None
+
+
+def read_npz(path: str | Path, require_labels: bool = True) -> Frame:
+    """Read one Cubert SDK-free ``.npz`` export (cube, wavelengths, mask, class_mask).
+
+    Args:
+        path: ``.npz`` file.
+        require_labels: If False, a file without ``mask`` and ``class_mask`` is accepted (its
+            frame is marked unlabelled; labels then come from a COCO annotation file).
+
+    Returns:
+        The frame. Without ``mask`` but with ``class_mask``, the mask is ``class_mask != 0``.
+        For a multi-frame export, its first frame (see :func:`iter_frames_at`).
+
+    Raises:
+        DataValidationError: File missing, not a valid zip/npz, truncated member, or wrong keys.
+    """
+    path = Path(path)
+    arrays, has_labels = _load_npz(path, require_labels)
+    n = _npz_frame_count(path, arrays)
+    return _npz_frame(path, arrays, has_labels, None if n is None else 0)
+
+
+def _npz_member_shape(path: Path, key: str) -> tuple[int, ...] | None:
+    """Shape of one array of an ``.npz`` from its header alone (None where unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(fh)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError):
+        return None
+    return tuple(int(d) for d in shape)
 
 
 def _import_cuvis(path: Path) -> Any:
@@ -407,6 +466,9 @@ def count_frames(path: str | Path) -> int:
         raise _missing_file_error(path)
     if suffix == ".cu3s":
         return len(_open_session(path))
+    if suffix == ".npz":
+        shape = _npz_member_shape(path, "cube")
+        return shape[0] if shape is not None and len(shape) == 4 else 1
     return 1
 
 
@@ -426,8 +488,8 @@ def read_frame(path: str | Path, index: int = 0, require_labels: bool = True) ->
     """
     path = Path(path)
     suffix = _check_suffix(path)
-    if suffix == ".cu3s":
-        return next(iter_frames_at(path, [index]))
+    if suffix in (".cu3s", ".npz"):
+        return next(iter_frames_at(path, [index], require_labels=require_labels))
     if index != 0:
         raise DataValidationError(
             f"{path}: frame index {index} out of range; a {suffix} file holds one frame "
@@ -456,6 +518,18 @@ def iter_frames_at(
     """
     path = Path(path)
     suffix = _check_suffix(path)
+    if suffix == ".npz":  # one read of the archive for all the frames asked for
+        arrays, has_labels = _load_npz(path, require_labels)
+        n = _npz_frame_count(path, arrays)
+        for index in indices:
+            if not 0 <= index < (n or 1):
+                valid = f"0..{n - 1}" if n else "0"
+                raise DataValidationError(
+                    f"{path}: frame index {index} out of range; the file holds {n or 1} "
+                    f"frame(s) (valid {valid}). Fix: use an index in that range."
+                )
+            yield _npz_frame(path, arrays, has_labels, None if n is None else index)
+        return
     if suffix != ".cu3s":
         for index in indices:
             yield read_frame(path, index, require_labels=require_labels)
@@ -485,6 +559,8 @@ def iter_frames(path: str | Path, require_labels: bool = True) -> Iterator[Frame
     suffix = _check_suffix(path)
     if suffix == ".cu3s":
         yield from iter_cu3s(path)
+    elif suffix == ".npz":
+        yield from iter_frames_at(path, range(count_frames(path)), require_labels=require_labels)
     else:
         yield read_frame(path, 0, require_labels=require_labels)
 
@@ -512,3 +588,62 @@ def read_frames(
 
         validate_frames([f.summary() for f in frames], expected_channels=expected_channels)
     return frames
+
+
+def write_session_npz(frames: Sequence[Frame], path: str | Path, *,
+                      frame_names: Sequence[str] | None = None, compress: bool = True) -> Path:
+    """Write frames of one sensor as a multi-frame ``.npz`` session (the reader's format).
+
+    Keys: ``cube`` (N, H, W, C) float32, ``mask`` (N, H, W) uint8, ``class_mask`` (N, H, W)
+    int64 where every frame has one, ``wavelengths`` (C,) where the frames share them, and
+    ``frame_names`` (N,). Written to a temporary name and renamed, so a failure leaves no file.
+
+    Args:
+        frames: The frames, in frame-id order; all of one shape.
+        path: Target ``.npz`` file.
+        frame_names: One name per frame (default: ``<source file name>#<index>``).
+        compress: Deflate the arrays (smaller file, slower read).
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataValidationError: No frames, frames of different shapes, or a name count mismatch.
+    """
+    path = Path(path)
+    if not frames:
+        raise DataValidationError(f"{path}: no frames to write. Fix: pass at least one frame.")
+    shapes = sorted({tuple(f.cube.shape) for f in frames})
+    if len(shapes) > 1:
+        raise DataValidationError(
+            f"{path}: frames of different shapes {shapes} cannot share one session file. Fix: "
+            "write frames of one sensor and size."
+        )
+    names = [f"{f.source.name}#{f.index}" for f in frames] if frame_names is None else list(
+        frame_names)
+    if len(names) != len(frames):
+        raise DataValidationError(
+            f"{path}: {len(names)} frame_names for {len(frames)} frames. Fix: one name per frame."
+        )
+    arrays: dict[str, np.ndarray] = {
+        "cube": np.stack([f.cube for f in frames]).astype(np.float32, copy=False),
+        "mask": np.stack([f.mask for f in frames]).astype(np.uint8),
+        "frame_names": np.asarray(names, dtype=str),
+    }
+    if all(f.class_mask is not None for f in frames):
+        arrays["class_mask"] = np.stack([np.asarray(f.class_mask) for f in frames])
+    wls = [f.wavelengths for f in frames]
+    first = wls[0]
+    if first is not None and all(w is not None and np.array_equal(w, first) for w in wls):
+        arrays["wavelengths"] = np.asarray(first, dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        if compress:
+            np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+        else:
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -358,3 +358,22 @@ def test_worker_processes(make_cube: Callable[..., Any]) -> None:
     dm = CubeDataModule.from_arrays(cubes, masks, [0, 1, 2], [3], [3], 2, num_workers=2)
     dm.setup()
     assert sorted(int(i) for b in dm.train_dataloader() for i in b["frame_id"]) == [0, 1, 2]
+
+
+def test_single_session_datamodule_reads_a_multi_frame_npz(
+    tmp_path: Path, session_paths: list[Path]
+) -> None:
+    """The SDK-free session: the five bundled scenes in one .npz, split as the guide splits."""
+    from nodes.data.readers import read_frames, write_session_npz
+
+    frames = [f for p in session_paths for f in read_frames(p, validate=False)]
+    path = write_session_npz(frames, tmp_path / "session.npz", compress=False)
+    dm = SingleCu3sDataModule(cu3s_file_path=path, annotation_json_path=None,
+                              train_ids=[0, 1, 2], val_ids=[3], test_ids=[4], batch_size=4)
+    dm.setup(stage="fit")
+    assert dm.describe()["num_frames"] == 5
+    (train,) = list(dm.train_dataloader())
+    assert train["cube"].shape == (3, 100, 100, 205)
+    (test,) = list(dm.test_dataloader())
+    assert test["frame_id"].tolist() == [4] and int(test["mask"].sum()) == 232  # urban-5
+    np.testing.assert_array_equal(test["cube"][0].numpy(), frames[4].cube)

@@ -19,6 +19,7 @@ from nodes.data.readers import (
     iter_frames_at,
     read_frame,
     read_frames,
+    write_session_npz,
 )
 from nodes.errors import DataValidationError
 
@@ -388,3 +389,47 @@ def test_cu3s_frames_at_open_the_session_once(
     assert fake.opened == [str(path)]
     with pytest.raises(DataValidationError, match=r"index 4 out of range"):
         list(iter_frames_at(path, [4]))
+
+
+# ----------------------------------------------------------------------------- multi-frame .npz
+
+
+def _frames(make_cube: Callable[..., Any], n: int = 3) -> list[Frame]:
+    out = []
+    for i in range(n):
+        cube, mask = make_cube(seed=10 + i)
+        out.append(Frame(cube=cube, mask=mask, wavelengths=None,
+                         class_mask=mask.astype(np.int64) * (i + 1), source=Path(f"f{i}.mat")))
+    return out
+
+
+def test_multi_frame_npz_round_trip(tmp_path: Path, make_cube: Callable[..., Any]) -> None:
+    frames = _frames(make_cube)
+    path = write_session_npz(frames, tmp_path / "session.npz")
+    assert count_frames(path) == 3
+    read = list(iter_frames(path))
+    assert [f.index for f in read] == [0, 1, 2]
+    for want, got in zip(frames, read, strict=True):
+        np.testing.assert_array_equal(got.cube, want.cube)
+        np.testing.assert_array_equal(got.mask, want.mask)
+        np.testing.assert_array_equal(got.class_mask, want.class_mask)
+    assert read_frame(path, 2).class_mask.max() == 3  # type: ignore[union-attr]
+    assert [f.index for f in iter_frames_at(path, [2, 0])] == [2, 0]
+    with pytest.raises(DataValidationError, match=r"frame index 3 out of range.*valid 0\.\.2"):
+        read_frame(path, 3)
+
+
+def test_multi_frame_npz_rejects_mismatched_planes(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, cube=np.zeros((3, 4, 4, 2), np.float32), mask=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataValidationError, match=r"mask \(2, 4, 4\).*\(N, H, W\)"):
+        list(iter_frames(path))
+
+
+def test_session_writer_refuses_mixed_shapes(tmp_path: Path, make_cube: Callable[..., Any]
+                                             ) -> None:
+    a, b = _frames(make_cube, 2)
+    b.cube = b.cube[:, :, :5].copy()
+    with pytest.raises(DataValidationError, match="different shapes"):
+        write_session_npz([a, b], tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()
