@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,14 @@ def _params_path(args: argparse.Namespace) -> Path:
 def _quiet(verbose: bool) -> None:
     """Library chatter off unless ``-v``: the summary is the output."""
     level = "INFO" if verbose else "WARNING"
+    if not verbose:
+        # Deprecation notices of our libraries (Lightning's pytree, Prefect, MLflow) are theirs to
+        # fix, not the operator's; -v shows them. The variable reaches served/worker subprocesses.
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        os.environ.setdefault(
+            "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"
+        )
     # Only the console is quieted: flow and task logs still reach the Prefect API (and UI).
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", level)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
@@ -72,39 +81,67 @@ def _prefect_where() -> str:
     )
 
 
+def flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, when a server (not the temporary one) is used."""
+    api = os.environ.get("PREFECT_API_URL", "")
+    if not api or not flow_run_id:
+        return None
+    return f"{api.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+
+
 def print_summary(summary: Any, seconds: float) -> None:
     """Print a :class:`tasks.steps.RunSummary` for people."""
     s = summary
     root = Path(s.ctx.root)
-    reg = s.registration
-    m = s.evaluation.metrics
-    data_state = "dirty: differs from data.dvc" if s.data.dirty else "as recorded in data.dvc"
+    if s.data.version:
+        data_state = "data version (cubeline ingest)"
+    else:
+        data_state = "dirty: differs from data.dvc" if s.data.dirty else "as recorded in data.dvc"
     h, w, c = s.data.shape
+    split = s.data.split_names
     lines = [
         f"cubeline {s.flow}: finished in {seconds:.1f} s",
+        f"  why         {s.ctx.reason}",
         f"  data        {s.data.data_hash} ({data_state}); {s.data.num_frames} frames "
-        f"{h}x{w}x{c}; train {list(s.data.train_ids)} val {list(s.data.val_ids)} "
-        f"test {list(s.data.test_ids)}",
+        f"{h}x{w}x{c}; train {split['train']} val {split['val']} test {split['test']}",
     ]
     if s.drift is not None:
-        lines.append(f"  drift       {s.drift.reason}")
-    phase1 = {
-        "fitted": "fitted now",
-        "cached": "skipped: cached (same data and params)",
-        "reused": "skipped: no drift, champion's state reused",
-    }[s.phase1]
+        verdict = "DRIFT" if s.drift.drifted else "no drift"
+        lines.append(f"  drift       {verdict}: {s.drift.reason}")
+    lines.append(f"  phase 1     {s.phase1}: {s.phase1_reason}; init state {s.state_hash} (DVC)")
+    if s.unchanged_version is not None:
+        lines.append(
+            f"  model       unchanged: version {s.unchanged_version} (same data, params, Phase-1 "
+            "state and code; Phase 2 skipped, nothing registered)"
+        )
+    else:
+        reg, m = s.registration, s.evaluation.metrics
+        champ = s.champion_metrics
+        lines += [
+            f"  phase 2     {s.train.epochs} epochs in {s.train.seconds:.1f} s; decision "
+            f"threshold (logit) {_fmt(s.train.threshold)}",
+            "  test        "
+            + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(m.items())),
+        ]
+        if champ:
+            lines.append(
+                "  champion    "
+                + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(champ.items()))
+                + f" (v{reg.previous_champion_version}, same test frames)"
+            )
+        lines += [
+            f"  model       {reg.model_name} version {reg.version} -> alias {reg.alias}",
+            f"  gate        {reg.reason}",
+            f"  champion    version {reg.champion_version} (before: "
+            f"{reg.previous_champion_version})",
+        ]
+    url = flow_run_url(s.ctx.flow_run_id)
     lines += [
-        f"  phase 1     {phase1}; init state {s.state_hash} (DVC)",
-        f"  phase 2     {s.train.epochs} epochs in {s.train.seconds:.1f} s; decision threshold "
-        f"(logit) {_fmt(s.train.threshold)}",
-        "  test        " + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(m.items())),
-        f"  model       {reg.model_name} version {reg.version} -> alias {reg.alias}",
-        f"  gate        {reg.reason}",
-        f"  champion    version {reg.champion_version} (before: {reg.previous_champion_version})",
         f"  MLflow      run {s.ctx.run_id} in {s.ctx.tracking_uri}",
-        f"              UI: {_mlflow_ui(s.ctx.tracking_uri, root)}",
+        f"              UI: {_mlflow_ui(s.ctx.tracking_uri, root)} (Experiments > "
+        "cubeline > Runs; models: Models > registry)",
         f"  files       {s.ctx.run_dir}",
-        f"  Prefect     {_prefect_where()}",
+        f"  Prefect     {url or _prefect_where()}",
     ]
     print("\n".join(lines))
 
@@ -146,7 +183,7 @@ def _run_flow(args: argparse.Namespace, which: str) -> int:
     server.join()
     start = time.perf_counter()
     summary = for_repo(flow_fn, params.parent)(
-        params_path=str(params), reason=args.reason or f"cubeline {args.command}"
+        params_path=str(params), reason=args.reason or "", data_version=args.data_version
     )
     seconds = time.perf_counter() - start
     if args.json:
@@ -166,6 +203,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_flow(args, "train")
 
 
+def _split_arg(args: argparse.Namespace) -> Any:
+    ids = (args.train, args.val, args.test)
+    if all(i is None for i in ids):
+        return None
+    if any(i is None for i in ids):
+        from nodes.errors import ConfigError
+
+        raise ConfigError("give all three of --train, --val and --test (frame ids), or none")
+    from tasks.data_versions import Split
+
+    return Split(tuple(args.train), tuple(args.val), tuple(args.test))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """``cubeline ingest FILES``: validate new frames and store them as a data version."""
+    from tasks.steps import ingest_files
+
+    info = ingest_files(
+        _params_path(args), args.paths, labels=args.labels, split=_split_arg(args)
+    )
+    if args.json:
+        print(json.dumps(info.to_dict()))
+        return 0
+    names = info.frame_names
+    print(f"data version {info.version} ({len(names)} frames, {info.channels} bands; DVC, pushed)")
+    split = info.split
+    for key, ids in (("train", split.train), ("val", split.val), ("test", split.test)):
+        print(f"  {key:<6}{[names[i] for i in ids]}")
+    print(f"  folder  {info.path}")
+    print(f"next: cubeline drift --data-version {info.version}   (drift check; on drift the "
+          "served retrain deployment re-initializes on it)")
+    print(f"      cubeline run --data-version {info.version}     (train on it now)")
+    return 0
+
+
 def cmd_drift(args: argparse.Namespace) -> int:
     """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
     server = _start_temporary_server()
@@ -174,19 +246,25 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from flows.drift_watch import drift_watch
 
     params = _params_path(args)
-    paths = [str(Path(p).resolve()) for p in args.paths] or None
+    version = args.data_version
+    if args.paths:
+        from tasks.steps import ingest_files
+
+        version = ingest_files(params, args.paths, labels=args.labels).version
+        print(f"ingested as data version {version}")
     server.join()
-    result = for_repo(drift_watch, params.parent)(params_path=str(params), paths=paths)
+    result = for_repo(drift_watch, params.parent)(params_path=str(params), data_version=version)
     if args.json:
         print(json.dumps(result.__dict__, default=str))
         return 0
-    print(f"drift: {'DRIFT' if result.drifted else 'no drift'}")
+    print(f"drift: {'DRIFT' if result.drifted else 'no drift'} (data {result.data_version})")
     print(f"  reason   {result.reason}")
     if result.report_path:
         print(f"  report   {result.report_path}")
         print(f"  plot     {result.plot_path}")
     if result.drifted:
-        print("  event    cubeline.drift.detected emitted (a served retrain deployment reacts)")
+        print(f"  event    cubeline.drift.detected {result.event_id} emitted: a served retrain "
+              "deployment re-initializes on this data version")
     return 1 if result.drifted and args.exit_code else 0
 
 
@@ -246,9 +324,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``cubeline predict FILES``: anomaly maps from the champion."""
     from tasks.steps import predict_cubes
 
-    written = predict_cubes(_params_path(args), args.paths, Path(args.out), alias=args.alias)
-    for path in written:
+    scored = predict_cubes(_params_path(args), args.paths, Path(args.out), alias=args.alias)
+    print(f"scored by {scored.model_uri} (version {scored.version}, alias {args.alias})")
+    for path in scored.files:
         print(path)
+    return 0
+
+
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    """``cubeline serve-model``: answer scoring requests with the champion on 127.0.0.1."""
+    from tasks.serving import serve_model
+
+    params = _configure_registry(args)
+    serve_model(
+        params.registry.model_name,
+        alias=args.alias,
+        host="127.0.0.1",
+        port=args.port,
+        poll_s=args.poll_s,
+        expected_channels=params.data.expected_channels,
+    )
     return 0
 
 
@@ -298,11 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--reason", help="why this run happens (kept in MLflow and the registry)")
+        p.add_argument("--data-version", help="train on this data version (cubeline ingest)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
         p.set_defaults(func=fn)
 
-    p = sub.add_parser("drift", help="drift check of frames against the champion's statistics")
-    p.add_argument("paths", nargs="*", help="frames (default: drift.watch_paths or training)")
+    p = sub.add_parser("ingest", help="validate new frames and store them as a data version")
+    p.add_argument("paths", nargs="+", help=".mat / .npz / .cu3s frames, in frame order")
+    p.add_argument("--labels", help="COCO JSON labelling the frames (image_id = frame id)")
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--{split}", type=int, nargs="+", help=f"{split} frame ids")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("drift", help="drift check of a data version against the champion")
+    p.add_argument("paths", nargs="*", help="new frames: ingested as a data version first "
+                   "(default: --data-version, else the frames in ingest.inbox)")
+    p.add_argument("--data-version", help="check this data version")
+    p.add_argument("--labels", help="COCO JSON for the frames given")
     p.add_argument("--json", action="store_true")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when drift is found")
     p.set_defaults(func=cmd_drift)
@@ -328,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the scheduled/triggered deployments (needs a server)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-model", help="answer scoring requests with the champion (HTTP)")
+    p.add_argument("--port", type=int, default=8088)
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--poll-s", type=float, default=2.0, help="how often the alias is checked")
+    p.set_defaults(func=cmd_serve_model)
 
     p = sub.add_parser("phase1", help="Phase 1 alone: per-frame AUC/AP and the time it took")
     p.add_argument("--json", action="store_true")

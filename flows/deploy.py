@@ -11,8 +11,11 @@ Schedules and event triggers need a real API server: Prefect's temporary one ref
     cubeline serve
 
 The trigger is what makes re-initialization drift-driven end to end: ``drift_watch`` emits
-``cubeline.drift.detected`` and the automation created for the ``retrain`` deployment starts a run
-with ``reason`` rendered from the event (Prefect renders Jinja templates in trigger parameters).
+``cubeline.drift.detected`` naming a data version, and the automation created for the ``retrain``
+deployment starts a run with ``data_version`` and ``event_id`` rendered from the event (Prefect
+renders Jinja templates in trigger parameters): that run trains on exactly that version. Why a
+run happened is read from Prefect's record of it (``tasks.steps.describe_trigger``), never from
+a fixed deployment parameter, so a manual ``prefect deployment run`` is not called a schedule.
 """
 
 from __future__ import annotations
@@ -57,12 +60,16 @@ def build_deployments(params_path: Path) -> list[RunnerDeployment]:
         description="drift_watch found drift: re-initialize and retrain",
         expect={DRIFT_EVENT},
         match={"prefect.resource.id": "cubeline.data.*"},
-        parameters={**common, "reason": "drift event: {{ event.payload.reason }}"},
+        parameters={
+            **common,
+            "data_version": "{{ event.payload.data_version }}",
+            "event_id": "{{ event.id }}",
+        },
     )
     retrain_dep = for_repo(retrain, root).to_deployment(
         name=RETRAIN_DEPLOYMENT,
         schedules=[Cron(sched.retrain_cron, timezone=sched.timezone)],
-        parameters={**common, "reason": f"schedule {sched.retrain_cron} ({sched.timezone})"},
+        parameters=common,
         triggers=[on_drift],
         tags=["cubeline"],
         description="Drift check, re-initialization on drift, Phase 2, gated promotion.",
@@ -72,7 +79,8 @@ def build_deployments(params_path: Path) -> list[RunnerDeployment]:
         schedules=[Interval(sched.drift_watch_interval_s)],
         parameters=common,
         tags=["cubeline"],
-        description="One pass over the watched frames; emits cubeline.drift.detected.",
+        description="Ingests the inbox's new frames as a data version, checks it for drift; "
+        "emits cubeline.drift.detected naming the version.",
     )
     # to_deployment is sync/async dual; called from sync code it returns the deployment.
     return [cast("RunnerDeployment", retrain_dep), cast("RunnerDeployment", watch_dep)]

@@ -1,51 +1,64 @@
-"""The ``retrain`` flow: drift-triggered re-initialization, then Phase 2 and promotion."""
+"""The ``retrain`` flow: drift check, re-initialization on drift, Phase 2, gated promotion.
+
+It trains on one data version: ``params.yaml`` data, or the version a drift event named.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 
+from flows.chain import phase2_and_register
 from tasks.steps import (
     RunSummary,
+    combine_data,
     drift_check,
-    evaluate,
     fit_statistics,
-    gradient_train,
     load_cubes,
-    register_model,
+    record_data,
     tracked_run,
-    unfreeze,
 )
 
 
-@flow(name="retrain", version="1", log_prints=False, persist_result=False)
-def retrain(params_path: str | None = None, reason: str = "manual retrain") -> RunSummary:
-    """Drift check → Phase 1 only on drift (else the champion's state) → train → register.
+@flow(name="retrain", version="2", log_prints=False, persist_result=False)
+def retrain(
+    params_path: str | None = None,
+    reason: str = "",
+    data_version: str | None = None,
+    event_id: str | None = None,
+) -> RunSummary:
+    """Drift check → Phase 1 on drift (else the champion's state) → train → register.
 
     Args:
         params_path: ``params.yaml`` (None: the repository's).
-        reason: Why it runs (schedule, drift event, manual), kept in MLflow and the registry.
+        reason: The operator's note on why it runs; the trigger itself (manual, schedule,
+            drift event) is read from Prefect's record of the run.
+        data_version: Data version to train on (``cubeline ingest``; the drift event passes
+            it); None: ``params.yaml`` ``data``.
+        event_id: The drift event that triggered the run (passed by the deployment trigger).
     """
-    with tracked_run(params_path, "retrain", reason) as ctx:
-        data = load_cubes(ctx)
+    with tracked_run(
+        params_path, "retrain", reason, event_id=event_id, data_version=data_version
+    ) as ctx:
+        data = load_cubes(ctx, data_version or None)
+        record_data(ctx, data)
         check = drift_check(ctx, data)
+        if check.drifted and ctx.params.retrain.on_drift_data == "old_and_new":
+            data = combine_data(ctx, data, check.champion_run_id)
+            record_data(ctx, data)
         if check.reinitialize or check.reference_state_hash is None:
             fitted = fit_statistics(ctx, data, return_state=True)
             state_hash = fitted.result().state_hash
-            phase1 = "cached" if fitted.name == "Cached" else "fitted"
+            if fitted.name == "Cached":
+                phase1 = "cached"
+                why = f"{check.reason}; an earlier fit of the same data and params was reused"
+            else:
+                phase1, why = "fitted", check.reason
         else:
             state_hash, phase1 = check.reference_state_hash, "reused"
-        pipe = unfreeze(ctx, data, state_hash, reused=phase1 == "reused")
-        trained = gradient_train(ctx, data, pipe)
-        evaluation = evaluate(ctx, data, trained)
-        registration = register_model(ctx, data, trained, evaluation)
-        return RunSummary(
-            flow="retrain",
-            ctx=ctx,
-            data=data,
-            state_hash=state_hash,
-            phase1=phase1,
-            drift=check,
-            train=trained,
-            evaluation=evaluation,
-            registration=registration,
-        )
+            why = f"{check.reason}: the champion's (v{check.champion_version}) state reused"
+            if event_id:
+                why += (
+                    f" -- NOTE: drift event {event_id} reported drift, but this run's check "
+                    "found none against the current champion"
+                )
+        return phase2_and_register("retrain", ctx, data, state_hash, phase1, why, check)

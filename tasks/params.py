@@ -90,13 +90,28 @@ class DriftParams(ConfigModel):
     band_log_var_ratio: PositiveFloat = 0.693
     band_fraction: Fraction = 0.1
     min_criteria: Annotated[int, Field(ge=1, le=3)] = 1
-    watch_paths: tuple[str, ...] = ()
 
     def thresholds(self) -> Any:
         """The :class:`nodes.drift.DriftThresholds` of this section."""
         from nodes.drift import DriftThresholds
 
-        return DriftThresholds(**self.model_dump(exclude={"watch_paths"}))
+        return DriftThresholds(**self.model_dump())
+
+
+class IngestParams(ConfigModel):
+    """How new frames become data versions (``cubeline ingest``, the drift watch's inbox)."""
+
+    inbox: str = "inbox"
+    labels: str = "labels.json"
+    val_frames: Annotated[int, Field(ge=1)] = 1
+    test_frames: Annotated[int, Field(ge=1)] = 1
+
+
+class RetrainParams(ConfigModel):
+    """What a drift-triggered retrain trains on, and when a run registers nothing."""
+
+    on_drift_data: Literal["new", "old_and_new"] = "new"
+    skip_unchanged: bool = True
 
 
 class RegistryParams(ConfigModel):
@@ -139,6 +154,7 @@ class DvcParams(ConfigModel):
 
     remote: str | None = "local"
     states_dir: str = "outputs/states"
+    versions_dir: str = "outputs/data_versions"
 
 
 class Params(ConfigModel):
@@ -150,6 +166,8 @@ class Params(ConfigModel):
     phase2: TrainingConfig = Field(default_factory=TrainingConfig)
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
     drift: DriftParams = Field(default_factory=DriftParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -52,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nodes.errors import ConfigError, CubelineError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -93,6 +97,8 @@ _TAG_SPLIT = "cubeline.split_id"
 _TAG_EVAL_PREFIX = "cubeline.eval."
 _TAG_RUN = "cubeline.run_id"
 _TAG_CONTEXT = "cubeline.reason_context"
+#: What fixes a trained model (data, split, params, Phase-1 state, code): see tasks.steps.
+TAG_FINGERPRINT = "cubeline.fingerprint"
 _TAG_REGISTERED_AT = "cubeline.registered_at"
 _TAG_DECISION = "cubeline.decision"
 _TAG_DECISION_REASON = "cubeline.decision_reason"
@@ -448,6 +454,22 @@ def _is_missing(exc: Exception) -> bool:
     return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
 
 
+def find_versions_by_tag(model_name: str, key: str, value: str) -> list[str]:
+    """Versions of ``model_name`` whose tag ``key`` equals ``value``, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        found = client.search_model_versions(
+            f"name = '{model_name}' and tags.`{key}` = '{value}'"
+        )
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return []
+        raise
+    return sorted((str(mv.version) for mv in found), key=int, reverse=True)
+
+
 def get_alias_version(model_name: str, alias: str) -> ModelVersion | None:
     """Return the version that ``alias`` names, or None (no such alias or model).
 
@@ -709,6 +731,8 @@ def register_and_promote(
     *,
     reevaluate_champion: Callable[[ModelVersion, str], Mapping[str, float]] | None = None,
     lock_timeout_s: float = 600.0,
+    tags: Mapping[str, str] | None = None,
+    description: str = "",
 ) -> RegistrationResult:
     """Register a new model version, make it ``challenger``, and ``champion`` if the gate agrees.
 
@@ -725,6 +749,8 @@ def register_and_promote(
             champion has no score on ``split_id``; its result is stored on the champion version
             and the gate decides again. Without it such a challenger stays challenger.
         lock_timeout_s: How long to wait for a concurrent registration.
+        tags: More tags for the new version (e.g. :data:`TAG_FINGERPRINT`).
+        description: One line on why the version exists (the registry page shows it).
 
     Returns:
         The new version, the decision and the aliases after the call.
@@ -742,7 +768,7 @@ def register_and_promote(
     with _registry_lock(lock_timeout_s):
         _ensure_registered_model(client, model_name)
         entries = _settle_pending(client, model_name)
-        tags = {
+        version_tags = {
             _TAG_RUN: run_id,
             _TAG_SPLIT: split_id,
             f"{_TAG_EVAL_PREFIX}{split_id}": _metrics_json(metrics),
@@ -750,9 +776,17 @@ def register_and_promote(
             **{f"{_METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()},
         }
         if reason_context:
-            tags[_TAG_CONTEXT] = reason_context[:5000]
-        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+            version_tags[_TAG_CONTEXT] = reason_context[:5000]
+        version_tags.update(tags or {})
+        # register_model prints its progress on stderr ("Created version ..."): the summary
+        # says it, so keep it for -v (DEBUG) only.
+        chatter = io.StringIO()
+        with contextlib.redirect_stderr(chatter), contextlib.redirect_stdout(chatter):
+            mv = mlflow.register_model(model_uri, model_name, tags=version_tags)
+        log.debug("%s", chatter.getvalue().strip())
         version = str(mv.version)
+        if description:
+            client.update_model_version(model_name, version, description=description[:5000])
         _fault("after_create_version")
 
         champion = get_alias_version(model_name, CHAMPION)

@@ -52,14 +52,17 @@ log = logging.getLogger(__name__)
 #: Bump a step's version when its behaviour changes in a way its source digest cannot see
 #: (e.g. a change in the nodes it calls): cached results of the old version are then ignored.
 STEP_VERSIONS: dict[str, str] = {
-    "load_cubes": "1",
+    "load_cubes": "2",
     "fit_statistics": "1",
     "drift_check": "1",
     "unfreeze": "1",
     "gradient_train": "1",
     "evaluate": "1",
     "register_model": "1",
-    "emit_drift_event": "1",
+    "emit_drift_event": "2",
+    "ingest_inbox": "1",
+    "combine_data": "1",
+    "find_unchanged": "1",
 }
 
 DRIFT_EVENT = "cubeline.drift.detected"
@@ -82,6 +85,9 @@ class RunContext:
         run_dir: Local directory of this run's files (``outputs/runs/<run>``).
         tracking_uri: MLflow tracking URI in effect.
         reason: Why the flow runs (manual, schedule, drift event...), kept in the registry.
+        trigger: What started it: ``manual``, ``manual via deployment``, ``schedule`` or
+            ``drift event`` (:func:`describe_trigger`).
+        flow_run_id: The Prefect flow run (None outside a flow).
     """
 
     params_path: str
@@ -90,6 +96,8 @@ class RunContext:
     run_dir: str = ""
     tracking_uri: str | None = None
     reason: str = ""
+    trigger: str = "manual"
+    flow_run_id: str | None = None
 
     @property
     def params(self) -> Params:
@@ -120,6 +128,8 @@ class DataRef:
         shape: (H, W, C) of every frame.
         anomaly_pixels: Labelled anomaly pixels over the frames used.
         frame_names: ``<file>#<index>`` per frame id.
+        version: The data version (``cubeline ingest``) read, None for ``params.yaml`` ``data``.
+        annotation: COCO file labelling the frames, if any.
     """
 
     paths: tuple[str, ...]
@@ -133,11 +143,23 @@ class DataRef:
     shape: tuple[int, int, int]
     anomaly_pixels: int
     frame_names: tuple[str, ...]
+    version: str | None = None
+    annotation: str | None = None
 
     @property
     def channels(self) -> int:
         """Bands per frame."""
         return self.shape[2]
+
+    @property
+    def split_names(self) -> dict[str, list[str]]:
+        """Frame names per split (what the run trains, validates and tests on)."""
+        return {
+            k: [self.frame_names[i] for i in ids]
+            for k, ids in (
+                ("train", self.train_ids), ("val", self.val_ids), ("test", self.test_ids)
+            )
+        }
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,9 @@ class DriftResult:
         report_path: JSON report ('' without reference).
         plot_path: Per-band PNG ('' without reference).
         summary: Small dict for event payloads and logs.
+        data_version: Data version checked (None: ``params.yaml`` data).
+        event_id: Id of the ``cubeline.drift.detected`` event emitted for it, if any.
+        champion_run_id: MLflow run of the champion compared with.
     """
 
     reinitialize: bool
@@ -188,6 +213,9 @@ class DriftResult:
     report_path: str = ""
     plot_path: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    data_version: str | None = None
+    event_id: str | None = None
+    champion_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +285,7 @@ class RegistrationSummary:
     champion_version: str | None
     previous_champion_version: str | None
     model_uri: str
+    champion_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -271,9 +300,13 @@ class RunSummary:
         phase1: ``fitted`` (ran now), ``cached`` (skipped: same data and params) or ``reused``
             (the champion's state, no drift).
         drift: The drift check (retrain only).
-        train: Phase-2 outcome.
-        evaluation: Test metrics.
-        registration: Registry outcome.
+        train: Phase-2 outcome (None when the run changed nothing).
+        evaluation: Test metrics (None when the run changed nothing).
+        registration: Registry outcome (None when the run changed nothing).
+        phase1_reason: Why Phase 1 was fitted, cached or reused.
+        unchanged_version: The registered version that already holds this exact model (same
+            data, params, Phase-1 state and code): nothing was trained or registered.
+        champion_metrics: The champion's test metrics on the same frames, when known.
     """
 
     flow: str
@@ -282,9 +315,12 @@ class RunSummary:
     state_hash: str
     phase1: str
     drift: DriftResult | None
-    train: TrainResult
-    evaluation: EvalResult
-    registration: RegistrationSummary
+    train: TrainResult | None
+    evaluation: EvalResult | None
+    registration: RegistrationSummary | None
+    phase1_reason: str = ""
+    unchanged_version: str | None = None
+    champion_metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
@@ -314,8 +350,11 @@ def _step_key(sections: tuple[str, ...]) -> Callable[[TaskRunContext, dict[str, 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         ctx: RunContext = parameters["ctx"]
         data: DataRef | None = parameters.get("data")
-        paths = parameters.get("paths")
-        data_hash = data.data_hash if data is not None else _data_version(ctx, paths).content_hash
+        version: str | None = parameters.get("data_version")
+        if data is not None:
+            data_hash = data.data_hash
+        else:
+            data_hash = version or _data_version(ctx, None).content_hash
         t = context.task
         return "-".join(
             (
@@ -324,7 +363,7 @@ def _step_key(sections: tuple[str, ...]) -> Callable[[TaskRunContext, dict[str, 
                 _code_digest(t.fn),
                 data_hash.replace(".", "_"),
                 ctx.params.section_hash(*sections),
-                _digest(Path(ctx.root).resolve(), paths or ""),
+                _digest(Path(ctx.root).resolve(), version or ""),
             )
         )
 
@@ -360,19 +399,22 @@ def _datamodule(
     data_hash: str,
     paths: Sequence[str],
     splits: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    annotation: str | None,
 ) -> CubeDataModule:
     """A set-up (hence pandera-validated) datamodule over ``paths``, shared within the process."""
     from nodes.data.datamodule import CubeDataModule
 
     p = ctx.params
-    key = (data_hash, tuple(paths), splits, p.section_hash("data"), p.pipeline.normal_class_ids)
+    key = (
+        data_hash,
+        tuple(paths),
+        splits,
+        annotation,
+        p.section_hash("data"),
+        p.pipeline.normal_class_ids,
+    )
     dm = _DM_MEMO.get(key)
     if dm is None:
-        annotation = (
-            resolve_path(ctx.params_path, p.data.annotation_path)
-            if p.data.annotation_path
-            else None
-        )
         train, val, test = splits
         dm = CubeDataModule(
             list(paths),
@@ -393,7 +435,11 @@ def _datamodule(
 
 def _dm(ctx: RunContext, data: DataRef) -> CubeDataModule:
     return _datamodule(
-        ctx, data.data_hash, data.paths, (data.train_ids, data.val_ids, data.test_ids)
+        ctx,
+        data.data_hash,
+        data.paths,
+        (data.train_ids, data.val_ids, data.test_ids),
+        data.annotation,
     )
 
 
@@ -454,6 +500,11 @@ def _log_artifact(ctx: RunContext, path: Path, artifact_path: str) -> None:
         _client().log_artifact(ctx.run_id, str(path), artifact_path=artifact_path)
 
 
+def set_run_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
+    """Tag the flow's MLflow run (nothing outside :func:`tracked_run`)."""
+    _set_tags(ctx, tags)
+
+
 def _set_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
     if ctx.run_id is None:
         return
@@ -462,9 +513,71 @@ def _set_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
         client.set_tag(ctx.run_id, k, v)
 
 
+def describe_trigger(
+    params: Params,
+    note: str = "",
+    *,
+    event_id: str | None = None,
+    data_version: str | None = None,
+) -> tuple[str, str]:
+    """What started this flow run, as ``(trigger, reason)``, from Prefect's own record of it.
+
+    ``drift event <id> on data <hash>`` when a drift event's trigger passed its id;
+    ``schedule <cron or interval>`` only when the server's scheduler created the run
+    (``auto_scheduled``); ``manual via deployment <name>`` for a deployment run someone asked for
+    (UI, ``prefect deployment run``); ``manual`` otherwise. ``note`` (``--reason``) is appended.
+    """
+    from prefect.context import FlowRunContext
+
+    fr = FlowRunContext.get()
+    run = fr.flow_run if fr is not None else None
+    if event_id:
+        trigger, reason = "drift event", f"drift event {event_id} on data {data_version or '?'}"
+    elif run is not None and run.deployment_id is not None:
+        deployment = _deployment(run.deployment_id)
+        name = deployment.name if deployment is not None else str(run.deployment_id)
+        if run.auto_scheduled:
+            trigger, reason = "schedule", f"schedule {_schedule_text(deployment, params)}"
+        else:
+            trigger, reason = "manual via deployment", f"manual via deployment {name}"
+    else:
+        trigger, reason = "manual", "manual"
+    return trigger, f"{reason}: {note}" if note else reason
+
+
+def _deployment(deployment_id: Any) -> Any:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_deployment(deployment_id)
+    except Exception:
+        log.warning("could not read deployment %s for the run's reason", deployment_id)
+        return None
+
+
+def _schedule_text(deployment: Any, params: Params) -> str:
+    """The deployment's active schedule as text (``params.yaml`` ``schedule`` if unknown)."""
+    for sched in getattr(deployment, "schedules", None) or []:
+        if not getattr(sched, "active", True):
+            continue
+        inner = sched.schedule
+        if getattr(inner, "cron", None):
+            return f"{inner.cron} ({getattr(inner, 'timezone', None) or 'UTC'})"
+        if getattr(inner, "interval", None) is not None:
+            return f"every {int(inner.interval.total_seconds())} s"
+        return str(inner)
+    return f"{params.schedule.retrain_cron} ({params.schedule.timezone})"
+
+
 @contextmanager
 def tracked_run(
-    params_path: str | Path | None, flow_name: str, reason: str = ""
+    params_path: str | Path | None,
+    flow_name: str,
+    note: str = "",
+    *,
+    event_id: str | None = None,
+    data_version: str | None = None,
 ) -> Iterator[RunContext]:
     """Open the MLflow run of one flow run; yields the :class:`RunContext` the tasks take.
 
@@ -476,7 +589,9 @@ def tracked_run(
     Args:
         params_path: ``params.yaml`` (None: the repository's).
         flow_name: Name of the flow (run name prefix, tag).
-        reason: Why the flow runs.
+        note: The operator's words on why it runs (``--reason``), added to the trigger.
+        event_id: The drift event that triggered it (deployment trigger parameter).
+        data_version: The data version the event named.
 
     Raises:
         ConfigError: params.yaml is invalid (before any run is created).
@@ -500,11 +615,14 @@ def tracked_run(
         params.mlflow.tracking_uri, root, experiment_name=params.mlflow.experiment
     )
     flow_run_id, flow_run_name = _prefect_flow_run()
+    trigger, reason = describe_trigger(params, note, event_id=event_id, data_version=data_version)
     run = mlflow.start_run(
         run_name=f"{flow_name}-{flow_run_name or uuid.uuid4().hex[:8]}",
         tags={
             "cubeline.flow": flow_name,
             "cubeline.reason": reason[:5000],
+            "cubeline.trigger": trigger,
+            "cubeline.event_id": event_id or "",
             "prefect.flow_run_id": flow_run_id or "",
             TAG_PARAMS_HASH: params.section_hash(),
             TAG_GIT_COMMIT: git_commit(root),
@@ -512,7 +630,9 @@ def tracked_run(
     )
     run_id = run.info.run_id
     run_dir = root / "outputs" / "runs" / run_id
-    ctx = RunContext(str(path), str(root), run_id, str(run_dir), uri, reason)
+    ctx = RunContext(
+        str(path), str(root), run_id, str(run_dir), uri, reason, trigger, flow_run_id
+    )
     try:
         flat = flatten_params(params.to_dict())
         mlflow.log_params(flat)
@@ -554,13 +674,14 @@ def _ensure_active_run(ctx: RunContext) -> None:
     cache_key_fn=_step_key(("data",)),
     persist_result=True,
 )
-def load_cubes(ctx: RunContext, paths: tuple[str, ...] | None = None) -> DataRef:
+def load_cubes(ctx: RunContext, data_version: str | None = None) -> DataRef:
     """Read and validate the frames (pandera) and return a reference to them.
 
     Args:
         ctx: Run context.
-        paths: Frames to read instead of ``params.yaml`` ``data.paths`` (drift watch); all of
-            them form the training split.
+        data_version: A data version (``cubeline ingest``) to read, restored by its DVC hash
+            with its own split; None reads ``params.yaml`` ``data`` (the files tracked by
+            ``data.dvc``, split by its ids).
 
     Returns:
         Paths, DVC content hash, frame count and shape; never the tensors.
@@ -568,33 +689,187 @@ def load_cubes(ctx: RunContext, paths: tuple[str, ...] | None = None) -> DataRef
     Raises:
         DataValidationError: A frame fails validation (the pandera report names file, field,
             fix): the flow stops here, before anything is trained or registered.
+        ConfigError: The data version is unknown here and on the DVC remote.
     """
     from nodes.data.readers import count_frames
 
     p = ctx.params
-    version = _data_version(ctx, paths)
-    files = [str(f) for f in _data_paths(ctx, paths)]
-    names = tuple(f"{Path(f).name}#{i}" for f in files for i in range(count_frames(f)))
-    splits: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    if paths:
-        splits = (tuple(range(len(names))), (0,), (0,))
+    annotation: str | None
+    if data_version:
+        info = _restore_version(ctx, data_version)
+        files = list(info.files)
+        names = info.frame_names
+        splits = (info.split.train, info.split.val, info.split.test)
+        data_hash = recorded = info.version
+        dirty = False
+        annotation = info.annotation
     else:
+        version = _data_version(ctx, None)
+        files = [str(f) for f in _data_paths(ctx, None)]
+        names = tuple(f"{Path(f).name}#{i}" for f in files for i in range(count_frames(f)))
         splits = (p.data.train_ids, p.data.val_ids, p.data.test_ids)
-    info = _datamodule(ctx, version.content_hash, files, splits).describe()
-    h, w, c = (int(v) for v in info["shape"])
-    return DataRef(
+        data_hash, recorded, dirty = version.content_hash, version.recorded_hash, version.dirty
+        annotation = (
+            str(resolve_path(ctx.params_path, p.data.annotation_path))
+            if p.data.annotation_path
+            else None
+        )
+    info_dm = _datamodule(ctx, data_hash, files, splits, annotation).describe()
+    h, w, c = (int(v) for v in info_dm["shape"])
+    ref = DataRef(
         paths=tuple(files),
         train_ids=splits[0],
         val_ids=splits[1],
         test_ids=splits[2],
-        data_hash=version.content_hash,
-        recorded_hash=version.recorded_hash,
-        dirty=version.dirty,
-        num_frames=int(info["num_frames"]),
+        data_hash=data_hash,
+        recorded_hash=recorded,
+        dirty=dirty,
+        num_frames=int(info_dm["num_frames"]),
         shape=(h, w, c),
-        anomaly_pixels=int(info["anomaly_pixels"]),
+        anomaly_pixels=int(info_dm["anomaly_pixels"]),
         frame_names=names,
+        version=data_version or None,
+        annotation=annotation,
     )
+    return ref
+
+
+def record_data(ctx: RunContext, data: DataRef) -> None:
+    """Tag the run with the data it reads: hash, version and the frames of each split."""
+    _set_tags(
+        ctx,
+        {
+            "cubeline.data_hash": data.data_hash,
+            "cubeline.data_version": data.version or "",
+            "cubeline.data_split": json.dumps(data.split_names, separators=(",", ":"))[:5000],
+        },
+    )
+
+
+def _versions_dir(ctx: RunContext) -> Path:
+    return resolve_path(ctx.params_path, ctx.params.dvc.versions_dir)
+
+
+def _restore_version(ctx: RunContext, version: str) -> Any:
+    from tasks.data_versions import restore_data_version
+
+    return restore_data_version(
+        version, root=Path(ctx.root), remote=ctx.params.dvc.remote, versions_dir=_versions_dir(ctx)
+    )
+
+
+def ingest_files(
+    params_path: str | Path,
+    files: Sequence[str | Path],
+    *,
+    labels: str | Path | None = None,
+    split: Any = None,
+    parents: Sequence[str] = (),
+) -> Any:
+    """Validate frames and store them as a new data version (``cubeline ingest``).
+
+    Args:
+        params_path: ``params.yaml`` (band count, DVC remote, default split).
+        files: Frame files in frame order.
+        labels: COCO annotation file (None: the files carry their masks).
+        split: A :class:`tasks.data_versions.Split` (None: ``params.yaml`` ``ingest``'s default).
+        parents: Versions this one combines.
+
+    Returns:
+        The :class:`tasks.data_versions.DataVersionInfo` stored and pushed.
+    """
+    from tasks.data_versions import ingest_frames
+
+    params = load_params(params_path)
+    root = repo_root(Path(params_path).resolve().parent)
+    return ingest_frames(
+        files,
+        root=root,
+        remote=params.dvc.remote,
+        versions_dir=resolve_path(params_path, params.dvc.versions_dir),
+        expected_channels=params.data.expected_channels,
+        normal_class_ids=params.pipeline.normal_class_ids,
+        labels=labels,
+        split=split,
+        val_frames=params.ingest.val_frames,
+        test_frames=params.ingest.test_frames,
+        parents=parents,
+    )
+
+
+@task(name="ingest_inbox", version=STEP_VERSIONS["ingest_inbox"], persist_result=False)
+def ingest_inbox(ctx: RunContext) -> str | None:
+    """Turn the frames waiting in ``params.yaml`` ``ingest.inbox`` into a new data version.
+
+    The files (and ``ingest.labels``, a COCO file, when present) are ingested in name order and
+    then moved to ``<inbox>/.ingested/<md5>/``; invalid frames stay where they are and the
+    error names them.
+
+    Returns:
+        The new version's hash, or None when the inbox holds no frame.
+    """
+    from tasks.data_versions import SUFFIXES
+
+    p = ctx.params
+    inbox = resolve_path(ctx.params_path, p.ingest.inbox)
+    files = sorted(f for f in inbox.glob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+    if not files:
+        log.info("inbox %s holds no frame: nothing to check", inbox)
+        return None
+    labels = inbox / p.ingest.labels
+    info = ingest_files(ctx.params_path, files, labels=labels if labels.is_file() else None)
+    done = inbox / ".ingested" / info.version.removesuffix(".dir")
+    done.mkdir(parents=True, exist_ok=True)
+    for f in [*files, labels]:
+        if f.is_file():
+            f.rename(done / f.name)
+    return str(info.version)
+
+
+@task(name="combine_data", version=STEP_VERSIONS["combine_data"], persist_result=False)
+def combine_data(ctx: RunContext, data: DataRef, champion_run_id: str | None) -> DataRef:
+    """``retrain.on_drift_data: old_and_new``: the champion's training frames + ``data``.
+
+    The result is a data version of its own (validation and test frames: ``data``'s), so the
+    run still trains on one explicit, restorable version.
+    """
+    from tasks.data_versions import DataVersionInfo, Split, combine_versions
+
+    p = ctx.params
+    if data.version is None:
+        raise ConfigError(
+            "retrain.on_drift_data: old_and_new combines a new data version with the champion's "
+            "data; this run reads params.yaml data (no version): pass --data-version"
+        )
+    new = _restore_version(ctx, data.version)
+    old_version = ""
+    if champion_run_id:
+        old_version = _client().get_run(champion_run_id).data.tags.get("cubeline.data_version", "")
+    if old_version:
+        old = _restore_version(ctx, old_version)
+    else:
+        from nodes.data.readers import count_frames
+
+        files = tuple(str(f) for f in _data_paths(ctx, None))
+        old = DataVersionInfo(
+            version=_data_version(ctx, None).content_hash,
+            path=repo_root(Path(ctx.params_path).parent),
+            files=files,
+            split=Split(p.data.train_ids, p.data.val_ids, p.data.test_ids),
+            annotation=None,
+            frame_names=tuple(f"{Path(f).name}#{i}" for f in files for i in range(count_frames(f))),
+            channels=data.channels,
+        )
+    combined = combine_versions(
+        old,
+        new,
+        root=Path(ctx.root),
+        remote=p.dvc.remote,
+        versions_dir=_versions_dir(ctx),
+        expected_channels=p.data.expected_channels,
+        normal_class_ids=p.pipeline.normal_class_ids,
+    )
+    return load_cubes.fn(ctx, combined.version)
 
 
 @task(
@@ -710,6 +985,7 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
             drifted=False,
             reason=f"no champion of {p.registry.model_name!r} yet: nothing to compare with, "
             "Phase 1 initializes from the data",
+            data_version=data.version,
         )
     run = _client().get_run(champion.run_id) if champion.run_id else None
     state_hash = run.data.tags.get(TAG_INIT_STATE_HASH) if run is not None else None
@@ -720,6 +996,8 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
             reason=f"champion version {champion.version} records no initialization state "
             f"(tag {TAG_INIT_STATE_HASH}): Phase 1 initializes from the data",
             champion_version=str(champion.version),
+            data_version=data.version,
+            champion_run_id=champion.run_id,
         )
     state_path = _restore_state(ctx, state_hash)
     reference = read_init_moments(state_path)
@@ -771,7 +1049,13 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
         reference_state_hash=state_hash,
         report_path=str(report_path),
         plot_path=str(plot_path),
-        summary={**report.summary(), "champion_version": str(champion.version)},
+        summary={
+            **report.summary(),
+            "criteria": [asdict(c) for c in report.criteria],
+            "champion_version": str(champion.version),
+        },
+        data_version=data.version,
+        champion_run_id=champion.run_id,
     )
 
 
@@ -936,10 +1220,16 @@ def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult
     names = [data.frame_names[i] for i in ids]
     split_id = split_id_of(tuple(data.frame_names[i] for i in data.test_ids), data.data_hash)
     out = ctx.out / "evaluation"
+    label = "logit (score-to-logit head)"
     if ctx.run_id is not None:
-        paths = log_evaluation(scores, targets, names, out, run_id=ctx.run_id)
+        paths = log_evaluation(
+            scores, targets, names, out, run_id=ctx.run_id, threshold=trained.threshold,
+            score_label=label,
+        )
     else:
-        paths = write_evaluation_plots(scores, targets, names, out)
+        paths = write_evaluation_plots(
+            scores, targets, names, out, threshold=trained.threshold, score_label=label
+        )
     _log_metrics(ctx, metrics, prefix="test/")
     _set_tags(ctx, {"cubeline.split_id": split_id})
     return EvalResult(
@@ -949,7 +1239,11 @@ def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult
 
 @task(name="register_model", version=STEP_VERSIONS["register_model"], persist_result=False)
 def register_model(
-    ctx: RunContext, data: DataRef, trained: TrainResult, evaluation: EvalResult
+    ctx: RunContext,
+    data: DataRef,
+    trained: TrainResult,
+    evaluation: EvalResult,
+    phase1: str = "fitted",
 ) -> RegistrationSummary:
     """Log the model (with signature), register a version, gate it, move the aliases.
 
@@ -961,7 +1255,7 @@ def register_model(
 
     from nodes.pipeline import Pipeline
     from tasks.pyfunc_model import load_champion, log_pipeline_model
-    from tasks.registry import register_and_promote
+    from tasks.registry import TAG_FINGERPRINT, register_and_promote, version_metrics
 
     p = ctx.params
     _ensure_active_run(ctx)
@@ -997,7 +1291,17 @@ def register_model(
         p.registry.model_name,
         reason_context=ctx.reason,
         reevaluate_champion=reevaluate,
+        tags={TAG_FINGERPRINT: fingerprint(ctx, data, trained.state_hash)},
+        description=(
+            f"{ctx.reason}; data {data.data_hash[:12]} ({len(data.train_ids)} training frames), "
+            f"Phase 1 {phase1}, test {p.registry.gate.metric} "
+            f"{evaluation.metrics.get(p.registry.gate.metric, float('nan')):.4f}"
+        ),
     )
+    champion_metrics: dict[str, float] = {}
+    if result.previous_champion_version is not None:
+        prev = _client().get_model_version(result.model_name, result.previous_champion_version)
+        champion_metrics = version_metrics(prev, evaluation.split_id) or {}
     return RegistrationSummary(
         model_name=result.model_name,
         version=result.version,
@@ -1007,12 +1311,16 @@ def register_model(
         champion_version=result.champion_version,
         previous_champion_version=result.previous_champion_version,
         model_uri=info.model_uri,
+        champion_metrics=champion_metrics,
     )
 
 
 @task(name="emit_drift_event", version=STEP_VERSIONS["emit_drift_event"], persist_result=False)
 def emit_drift_event(ctx: RunContext, data: DataRef, result: DriftResult) -> str | None:
-    """Emit the Prefect event ``cubeline.drift.detected`` (a deployment trigger starts retrain).
+    """Emit ``cubeline.drift.detected`` for a data version (a deployment trigger starts retrain).
+
+    The payload names the data version (its DVC hash: the triggered run restores it by that
+    hash alone), the drift decision and its criteria, the report and the champion compared with.
 
     Returns:
         The event id, or None when Prefect did not accept it.
@@ -1026,14 +1334,48 @@ def emit_drift_event(ctx: RunContext, data: DataRef, result: DriftResult) -> str
             "prefect.resource.name": f"data {data.data_hash[:12]}",
         },
         payload={
-            **result.summary,
-            "params_path": ctx.params_path,
+            "data_version": data.version or "",
             "data_hash": data.data_hash,
-            "paths": list(data.paths),
+            "drift": result.summary,
+            "reason": result.reason,
+            "fired": list(result.fired),
+            "champion_version": result.champion_version,
             "report": result.report_path,
+            "flow_run_id": ctx.flow_run_id,
         },
     )
     return str(event.id) if event is not None else None
+
+
+def fingerprint(ctx: RunContext, data: DataRef, state_hash: str) -> str:
+    """What fixes a trained model: data, its split, params, Phase-1 state and code."""
+    from tasks.tracking import code_version
+
+    return _digest(
+        data.data_hash,
+        json.dumps(data.split_names, sort_keys=True),
+        data.annotation is not None,
+        ctx.params.section_hash(),
+        state_hash,
+        code_version(Path(ctx.root)),
+    )
+
+
+@task(name="find_unchanged", version=STEP_VERSIONS["find_unchanged"], persist_result=False)
+def find_unchanged(ctx: RunContext, data: DataRef, state_hash: str) -> str | None:
+    """The registered version trained from exactly this data, params, state and code, if any.
+
+    Phase 2 is seeded, so such a run would reproduce that version: the flow then registers
+    nothing and says ``unchanged: version N`` (``retrain.skip_unchanged``).
+    """
+    from tasks.registry import TAG_FINGERPRINT, find_versions_by_tag
+
+    fp = fingerprint(ctx, data, state_hash)
+    _set_tags(ctx, {TAG_FINGERPRINT: fp})
+    if not ctx.params.retrain.skip_unchanged:
+        return None
+    versions = find_versions_by_tag(ctx.params.registry.model_name, TAG_FINGERPRINT, fp)
+    return versions[0] if versions else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1041,9 +1383,24 @@ def emit_drift_event(ctx: RunContext, data: DataRef, result: DriftResult) -> str
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What ``predict_cubes`` wrote, and which registered version scored.
+
+    Attributes:
+        model_uri: ``models:/<name>/<version>``.
+        version: The version that scored.
+        files: Files written.
+    """
+
+    model_uri: str
+    version: str
+    files: list[Path]
+
+
 def predict_cubes(
     params_path: str | Path, paths: Sequence[str | Path], out_dir: Path, alias: str = "champion"
-) -> list[Path]:
+) -> Prediction:
     """Score frames with ``models:/<registry.model_name>@<alias>``; write anomaly maps.
 
     For every frame: ``<file>_<index>.scores.npy`` (float32 RX scores), ``.decisions.npy``
@@ -1056,7 +1413,7 @@ def predict_cubes(
         alias: Registry alias to load.
 
     Returns:
-        The files written.
+        The version that scored and the files written.
 
     Raises:
         DataValidationError: A frame fails validation (nothing is written for any frame).
@@ -1065,7 +1422,8 @@ def predict_cubes(
     import numpy as np
 
     from nodes.data.readers import read_frames
-    from tasks.pyfunc_model import load_champion_model
+    from tasks.pyfunc_model import score_cubes
+    from tasks.serving import load_alias
     from tasks.tracking import configure_mlflow, write_anomaly_maps
 
     params = load_params(params_path)
@@ -1077,21 +1435,34 @@ def predict_cubes(
         for fr in read_frames(p, validate=True, expected_channels=params.data.expected_channels)
     ]
     configure_mlflow(params.mlflow.tracking_uri, root, experiment_name=params.mlflow.experiment)
-    model = load_champion_model(params.registry.model_name, alias)
+    model = load_alias(params.registry.model_name, alias)
+    decider = next((n for n in model.pipeline.node_list() if n.name == "decider"), None)
+    threshold = getattr(decider, "threshold", None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for fr in frames:
         name = f"{Path(fr.source).stem}_{fr.index}"
-        pred: Any = model.predict({"cube": fr.cube[None].astype(np.float32)})
+        pred = score_cubes(model.pipeline, fr.cube[None].astype(np.float32), model.outputs)
         scores = np.asarray(pred["scores"], dtype=np.float32)
-        for key, arr in (("scores", scores), ("decisions", np.asarray(pred["decisions"]))):
+        decisions = np.asarray(pred["decisions"])
+        for key, arr in (("scores", scores), ("decisions", decisions)):
             path = out_dir / f"{name}.{key}.npy"
             np.save(path, arr[0])
             written.append(path)
         targets = fr.mask[None] if fr.labelled else None
-        written.extend(write_anomaly_maps(scores, [name], out_dir, targets=targets).values())
-    return written
+        maps = write_anomaly_maps(
+            scores,
+            [name],
+            out_dir,
+            targets=targets,
+            decisions=decisions,
+            score_label="RX score (Mahalanobis², raw)",
+            title_suffix=f"{model.uri}" + (f", threshold {float(threshold):.3g} logit"
+                                           if threshold is not None else ""),
+        )
+        written.extend(maps.values())
+    return Prediction(model.uri, model.version, written)
 
 
 def phase1_report(params_path: str | Path) -> dict[str, Any]:

@@ -414,6 +414,34 @@ def git_commit(repo_root: Path) -> str:
     return f"{head}+dirty" if status else head
 
 
+def code_version(repo_root: Path) -> str:
+    """:func:`git_commit`, plus a digest of the uncommitted changes when the tree is dirty.
+
+    Two runs of one dirty tree compare equal only when their changes are the same (tracked
+    diffs and the names and contents of untracked, unignored files).
+    """
+    commit = git_commit(repo_root)
+    if not commit.endswith("+dirty"):
+        return commit
+    import hashlib
+
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    digest = hashlib.sha256()
+    try:
+        for args in (["diff", "HEAD", "--binary"], ["ls-files", "-o", "--exclude-standard", "-z"]):
+            out = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, check=True,
+                                 timeout=60, env=env).stdout
+            digest.update(out)
+            if args[0] == "ls-files":
+                for name in filter(None, out.split(b"\0")):
+                    path = repo_root / name.decode()
+                    if path.is_file():
+                        digest.update(path.read_bytes())
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return commit
+    return f"{commit}:{digest.hexdigest()[:16]}"
+
+
 def set_lineage_tags(
     data_hash: str,
     init_state_hash: str,
@@ -473,6 +501,7 @@ def _resolve_run_id(run_id: str | None) -> str:
 
 #: Most metrics MLflow takes in one ``log_batch`` call.
 _MAX_METRICS_PER_BATCH = 1000
+_SPLIT_PREFIXES = ("train/", "val/", "test/", "lr", "epoch", "phase1/", "phase2/")
 
 
 def make_lightning_logger(
@@ -525,6 +554,10 @@ def make_lightning_logger(
             for key, value in metrics.items():
                 if isinstance(value, str):
                     continue
+                if not key.startswith(_SPLIT_PREFIXES):
+                    # Per-epoch metric-node values are validation figures: under val/, apart from
+                    # the test/ figures the gate reads.
+                    key = f"val/{key}"
                 name = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key
                 # MLflow's allowed metric-name characters, as the stock logger sanitizes them.
                 name = re.sub("[^a-zA-Z0-9_/. -]+", "", name)
@@ -672,21 +705,35 @@ def write_anomaly_maps(
     frame_ids: Sequence[Any],
     out_dir: Path,
     targets: np.ndarray | None = None,
+    *,
+    decisions: np.ndarray | None = None,
+    score_label: str = "anomaly score",
+    title_suffix: str = "",
 ) -> dict[str, Path]:
-    """Write one PNG per frame: score heatmap, with the ground-truth outline if targets are given.
+    """Write one PNG per frame: the score map, the model's decisions and the ground truth.
+
+    The colour scale runs from the 1st to the 99.5th percentile of the frame's scores, so a few
+    extreme pixels cannot turn the rest of the map black (the colour bar says so). Ground truth
+    is a cyan outline and the model's decisions a magenta one, both named in a legend.
 
     Args:
-        scores: (N, H, W) anomaly scores.
+        scores: (N, H, W) scores, all in one unit.
         frame_ids: One id per frame (used in titles and file names).
         out_dir: Directory for ``anomaly_map_<frame_id>.png``.
-        targets: Optional (N, H, W) boolean ground truth, drawn as a cyan contour.
+        targets: Optional (N, H, W) boolean ground truth.
+        decisions: Optional (N, H, W) boolean decisions of the model.
+        score_label: The unit of ``scores`` (raw RX score, logit, ...), on the colour bar.
+        title_suffix: Added to each title (e.g. the model version).
 
     Returns:
         ``{"anomaly_map:<frame_id>": path}`` in frame order.
     """
+    from matplotlib.lines import Line2D
+
     s = np.asarray(scores, dtype=np.float64)
     t = np.zeros(s.shape, dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
     s, t = _check_eval_inputs(s, t, frame_ids)
+    d = None if decisions is None else np.asarray(decisions, dtype=bool).reshape(s.shape)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -696,17 +743,32 @@ def write_anomaly_maps(
         while name in used:  # two ids that sanitize alike must not overwrite each other
             name += f"_{i}"
         used.add(name)
-        fig = _figure(5, 4.5)
-        ax = fig.add_axes((0.02, 0.02, 0.78, 0.88))
-        cax = fig.add_axes((0.83, 0.06, 0.035, 0.8))
-        img = ax.imshow(s[i], cmap="inferno", interpolation="nearest")
-        fig.colorbar(img, cax=cax, label="anomaly score")
+        fig = _figure(5.4, 5.0)
+        ax = fig.add_axes((0.02, 0.1, 0.74, 0.8))
+        cax = fig.add_axes((0.8, 0.14, 0.035, 0.72))
+        finite = s[i][np.isfinite(s[i])]
+        lo, hi = (np.percentile(finite, [1.0, 99.5]) if finite.size else (0.0, 1.0))
+        if not hi > lo:
+            lo, hi = float(lo) - 0.5, float(hi) + 0.5
+        img = ax.imshow(s[i], cmap="inferno", interpolation="nearest", vmin=lo, vmax=hi)
+        fig.colorbar(img, cax=cax, label=f"{score_label} (1st-99.5th pct, clipped)", extend="both")
+        handles = []
         if targets is not None and t[i].any():
-            ax.contour(t[i].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.8)
-        title = f"frame {fid}"
-        if targets is not None:
-            title += f" ({int(t[i].sum())} anomaly px outlined)"
-        ax.set_title(title, fontsize=9)
+            ax.contour(t[i].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.9)
+            gt = f"ground truth ({int(t[i].sum())} px)"
+            handles.append(Line2D([], [], color="cyan", label=gt))
+        if d is not None and d[i].any():
+            ax.contour(d[i].astype(np.float32), levels=[0.5], colors="magenta", linewidths=0.7,
+                       linestyles="dashed")
+            handles.append(Line2D([], [], color="magenta", linestyle="dashed",
+                                  label=f"model decisions ({int(d[i].sum())} px)"))
+        elif d is not None:
+            handles.append(Line2D([], [], color="magenta", linestyle="dashed",
+                                  label="model decisions (none)"))
+        if handles:
+            fig.legend(handles=handles, loc="lower left", fontsize=7, frameon=False, ncol=2)
+        title = f"frame {fid}" + (f" — {title_suffix}" if title_suffix else "")
+        ax.set_title(title, fontsize=8)
         ax.set_axis_off()
         paths[f"anomaly_map:{fid}"] = _save(fig, out_dir / f"anomaly_map_{name}.png")
     return paths
@@ -717,6 +779,9 @@ def write_evaluation_plots(
     targets: np.ndarray,
     frame_ids: Sequence[Any],
     out_dir: Path,
+    *,
+    threshold: float | None = None,
+    score_label: str = "anomaly score",
 ) -> dict[str, Path]:
     """Write ROC, PR, score-histogram and per-frame anomaly-map PNGs (no MLflow).
 
@@ -728,6 +793,8 @@ def write_evaluation_plots(
         targets: (N, H, W) boolean ground truth (True = anomaly).
         frame_ids: One id per frame.
         out_dir: Output directory (created).
+        threshold: Decision threshold in the unit of ``scores``: the maps draw the decisions.
+        score_label: The unit of ``scores`` (colour bar of the maps).
 
     Returns:
         ``{"roc_curve": ..., "pr_curve": ..., "score_histogram": ...,
@@ -783,7 +850,14 @@ def write_evaluation_plots(
     ax.set_title("Score distribution by ground truth", fontsize=9)
     paths["score_histogram"] = _save(fig, out_dir / "score_histogram.png")
 
-    paths.update(write_anomaly_maps(s, frame_ids, out_dir / "anomaly_maps", targets=t))
+    decisions = None if threshold is None else s > threshold
+    suffix = "" if threshold is None else f"decisions: {score_label} > {threshold:.3g}"
+    paths.update(
+        write_anomaly_maps(
+            s, frame_ids, out_dir / "anomaly_maps", targets=t, decisions=decisions,
+            score_label=score_label, title_suffix=suffix,
+        )
+    )
     return paths
 
 
@@ -795,6 +869,8 @@ def log_evaluation(
     *,
     run_id: str | None = None,
     artifact_path: str = "evaluation",
+    threshold: float | None = None,
+    score_label: str = "anomaly score",
 ) -> dict[str, Path]:
     """Write the evaluation plots (:func:`write_evaluation_plots`) and log them to the run.
 
@@ -805,6 +881,8 @@ def log_evaluation(
         out_dir: Local directory for the PNGs.
         run_id: Run to log into; None logs into the active run.
         artifact_path: Artifact directory inside the run (anomaly maps go one level below).
+        threshold: Decision threshold in the unit of ``scores`` (drawn on the maps).
+        score_label: The unit of ``scores``.
 
     Returns:
         The local paths written, keyed as in :func:`write_evaluation_plots`.
@@ -816,7 +894,9 @@ def log_evaluation(
     import mlflow
 
     target_run = _resolve_run_id(run_id)
-    paths = write_evaluation_plots(scores, targets, frame_ids, out_dir)
+    paths = write_evaluation_plots(
+        scores, targets, frame_ids, out_dir, threshold=threshold, score_label=score_label
+    )
     client = mlflow.MlflowClient()
     for key, path in paths.items():
         sub = f"{artifact_path}/anomaly_maps" if key.startswith("anomaly_map:") else artifact_path

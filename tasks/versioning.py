@@ -249,6 +249,90 @@ def _push(repo: Repo, hashes: list[Any], remote: str | None, what: str) -> None:
         )
 
 
+def store_tree(src_dir: Path, *, root: Path, remote: str | None, what: str) -> str:
+    """Store a directory in the DVC cache as one tree object and push it to ``remote``.
+
+    The layout is the one ``dvc add`` produces (hash ``<md5>.dir``), without a ``.dvc`` file:
+    the caller records the hash (MLflow tags, event payloads), so the git tree stays clean.
+
+    Args:
+        src_dir: The directory to store (left in place).
+        root: Repository root (the DVC repository).
+        remote: DVC remote to push to (None: the default remote; no remote configured: kept in
+            the local cache only, with a warning).
+        what: What is stored, for messages (``"init state"``, ``"data version"``).
+
+    Returns:
+        The tree's DVC hash, ``<md5>.dir``.
+
+    Raises:
+        ConfigError: The push fails.
+    """
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.transfer import transfer
+
+    with open_repo(root) as repo:
+        cache = repo.cache.local
+        # A resolved path: with ".." in it DVC records "/name" as the relpath (another hash).
+        staging, _, obj = build(cache, os.fspath(src_dir.resolve()), cache.fs, HASH_NAME)
+        children = [oid for _, _, oid in obj]  # type: ignore[attr-defined]
+        transfer(staging, cache, {obj.hash_info, *children}, shallow=False, hardlink=False)
+        tree_hash = str(obj.hash_info.value)
+        if remote is None and not repo.config["core"].get("remote"):
+            log.warning("no DVC remote configured: %s %s kept in the cache only", what, tree_hash)
+        else:
+            _push(repo, [obj.hash_info, *children], remote, f"{what} {tree_hash}")
+    return tree_hash
+
+
+def restore_tree(
+    tree_hash: str, *, root: Path, remote: str | None, target: Path, what: str
+) -> Path:
+    """Check the tree ``tree_hash`` out into ``target`` (kept when already intact).
+
+    From the DVC cache, pulling the tree and its files from the remote first when the cache lacks
+    them (a fresh clone, another machine).
+
+    Args:
+        tree_hash: ``<md5>.dir`` as :func:`store_tree` returned it.
+        root: Repository root (the DVC repository).
+        remote: DVC remote to pull from (None: the default remote).
+        target: Where the tree is checked out.
+        what: What is restored, for messages.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        ConfigError: The tree is found neither in the cache nor on the remote.
+    """
+    from dvc_data.hashfile import load
+    from dvc_data.hashfile.checkout import checkout
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    with open_repo(root) as repo:
+        if target.is_dir() and _workspace_hash(repo, target, inside=False) == tree_hash:
+            return target
+        cache = repo.cache.local
+        tree_id = HashInfo(HASH_NAME, tree_hash)
+        if not cache.exists(tree_hash):
+            _pull(repo, [tree_id], remote, f"{what} {tree_hash}")
+        tree = load(cache, tree_id)
+        missing = [oid for _, _, oid in tree if not cache.exists(oid.value)]  # type: ignore[attr-defined]
+        if missing:
+            _pull(repo, missing, remote, f"{what} {tree_hash}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".restore-{uuid.uuid4().hex}"
+        try:
+            checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
+            if target.exists():
+                shutil.rmtree(target)
+            _move_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def version_init_state(state_dir: Path, *, root: Path, remote: str | None, states_dir: Path) -> str:
     """Store an initialization state in the DVC cache under its content hash and push it.
 
@@ -266,28 +350,13 @@ def version_init_state(state_dir: Path, *, root: Path, remote: str | None, state
     Raises:
         ConfigError: The state files are missing, or the push fails.
     """
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.transfer import transfer
-
     files = sorted(p.name for p in state_dir.iterdir()) if state_dir.is_dir() else []
     if files != sorted([STATE_FILE, STATE_META]):
         raise ConfigError(
             f"{state_dir} must hold exactly {STATE_FILE} and {STATE_META} (found {files}); "
             "write them with nodes.init_state.save_init_state"
         )
-    with open_repo(root) as repo:
-        cache = repo.cache.local
-        # A resolved path: with ".." in it DVC records "/name" as the relpath (another hash).
-        staging, _, obj = build(cache, os.fspath(state_dir.resolve()), cache.fs, HASH_NAME)
-        children = [oid for _, _, oid in obj]  # type: ignore[attr-defined]
-        transfer(staging, cache, {obj.hash_info, *children}, shallow=False, hardlink=False)
-        state_hash = str(obj.hash_info.value)
-        if remote is None and not repo.config["core"].get("remote"):
-            log.warning(
-                "no DVC remote configured: init state %s kept in the cache only", state_hash
-            )
-        else:
-            _push(repo, [obj.hash_info, *children], remote, f"init state {state_hash}")
+    state_hash = store_tree(state_dir, root=root, remote=remote, what="init state")
     _move_into_place(state_dir, states_dir / _folder(state_hash))
     return state_hash
 
@@ -312,53 +381,39 @@ def restore_init_state(
     Raises:
         ConfigError: The hash is malformed or found neither in the cache nor on the remote.
     """
-    from dvc_data.hashfile import load
-    from dvc_data.hashfile.checkout import checkout
-    from dvc_data.hashfile.hash_info import HashInfo
-
-    if not state_hash.endswith(".dir") or len(state_hash) != 36:
-        raise ConfigError(
-            f"{state_hash!r} is not an initialization-state hash (expected 32 hex digits + "
-            "'.dir', as recorded in the MLflow tag cubeline.init_state_hash)"
-        )
+    check_tree_hash(state_hash, "an initialization-state hash", "the MLflow tag "
+                    "cubeline.init_state_hash")
     target = states_dir / _folder(state_hash)
-    with open_repo(root) as repo:
-        if (target / STATE_FILE).is_file() and _workspace_hash(repo, target) == state_hash:
-            return target / STATE_FILE
-        cache = repo.cache.local
-        tree_id = HashInfo(HASH_NAME, state_hash)
-        if not cache.exists(state_hash):
-            _pull(repo, [tree_id], remote, state_hash)
-        tree = load(cache, tree_id)
-        missing = [oid for _, _, oid in tree if not cache.exists(oid.value)]  # type: ignore[attr-defined]
-        if missing:
-            _pull(repo, missing, remote, state_hash)
-        staging = states_dir / f".restore-{uuid.uuid4().hex}"
-        try:
-            checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
-            if target.exists():
-                shutil.rmtree(target)
-            _move_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    restore_tree(state_hash, root=root, remote=remote, target=target, what="init state")
     return target / STATE_FILE
 
 
-def _pull(repo: Repo, hashes: list[Any], remote: str | None, state_hash: str) -> None:
+def check_tree_hash(value: str, what: str, where: str) -> None:
+    """Raise a :class:`ConfigError` unless ``value`` looks like ``<32 hex digits>.dir``."""
+    body = value.removesuffix(".dir")
+    if not value.endswith(".dir") or len(body) != 32 or any(
+        c not in "0123456789abcdef" for c in body
+    ):
+        raise ConfigError(
+            f"{value!r} is not {what} (expected 32 lowercase hex digits + '.dir', as recorded in "
+            f"{where})"
+        )
+
+
+def _pull(repo: Repo, hashes: list[Any], remote: str | None, what: str) -> None:
     from dvc.exceptions import DvcException
 
     try:
         result = repo.cloud.pull(hashes, remote=remote)
     except DvcException as exc:
         raise ConfigError(
-            f"init state {state_hash} is not in the DVC cache and pulling it from remote "
+            f"{what} is not in the DVC cache and pulling it from remote "
             f"{remote or '(default)'} failed: {exc}"
         ) from exc
     if result.failed or not all(repo.cache.local.exists(h.value) for h in hashes):
         raise ConfigError(
-            f"init state {state_hash} is neither in the DVC cache ({repo.cache.local.path}) nor "
-            f"on remote {remote or '(default)'}; it was never pushed from the machine that "
-            "created it -- re-initialize with `cubeline train`"
+            f"{what} is neither in the DVC cache ({repo.cache.local.path}) nor on remote "
+            f"{remote or '(default)'}; it was never pushed from the machine that created it"
         )
 
 
