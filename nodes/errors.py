@@ -33,3 +33,11 @@ class ConfigError(CubelineError):
 
 class TrainingError(CubelineError):
     """Phase 2 cannot start or had to stop (no loss node, NaN loss, unknown optimizer...)."""
+
+
+class NoAnomaliesWarning(UserWarning):
+    """An evaluation split holds no anomalous pixel: IoU/F1 are 0 and AP/AUROC undefined.
+
+    Turn it into an error where a run must not go on (``warnings.simplefilter("error",
+    NoAnomaliesWarning)``), e.g. in an orchestrated flow.
+    """

@@ -111,8 +111,12 @@ class BinaryDecider(Node):
 
     @property
     def logit_threshold(self) -> float:
-        """The threshold in logit units."""
+        """The threshold in logit units (+inf for a probability that rounded to 1)."""
         p = float(self.threshold)
+        if p >= 1.0:  # a calibrated logit above ~36.7 rounds to 1 in float64: flag nothing
+            return math.inf
+        if p <= 0.0:
+            return -math.inf
         return math.log(p) - math.log1p(-p)
 
     def set_threshold(self, probability: float) -> None:

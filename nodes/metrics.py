@@ -9,7 +9,9 @@ with the number of pixels and the states all-reduce (sum) across DDP ranks.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryStatScores
 
 from nodes.base import Node
+from nodes.errors import NoAnomaliesWarning
 from nodes.ports import PortSpec
 from nodes.registry import register_node
 
@@ -126,7 +129,56 @@ class AnomalyDetectionMetrics(Node):
             out["auroc"] = float("nan")
         return out
 
+    @property
+    def positives(self) -> int:
+        """Anomalous pixels seen since the last :meth:`reset` (true positives + false negatives)."""
+        return int(self.curves.anomalous.sum())
+
+    @property
+    def pixels(self) -> int:
+        """Pixels seen since the last :meth:`reset`."""
+        return int(self.curves.anomalous.sum() + self.curves.normal.sum())
+
     def reset(self) -> None:
         """Clear the running state (start of an epoch)."""
         self.stat_scores.reset()
         self.curves.reset()
+
+
+def warn_if_no_anomalies(metric_nodes: Iterable[AnomalyDetectionMetrics], split: str,
+                         frame_ids: Sequence[int] | None, pipeline: Any = None) -> bool:
+    """Warn (:class:`~nodes.errors.NoAnomaliesWarning`) when an evaluated split had no anomaly.
+
+    Without one anomalous pixel IoU, F1 and recall are 0 and AP/AUROC NaN whatever the model
+    does; the usual cause is ``normal_class_ids`` listing the anomaly class too (the guide's
+    ``[0, 1]`` on data whose class 1 is the anomaly). The message names the frames and the ids.
+
+    Args:
+        metric_nodes: The metric nodes after an evaluation pass.
+        split: The split's name (``"val"``, ``"test"``).
+        frame_ids: Frame ids of the split, where known.
+        pipeline: The pipeline, to name its data node's ``normal_class_ids``.
+
+    Returns:
+        True when it warned.
+    """
+    nodes = [m for m in metric_nodes if m.pixels > 0]
+    if not nodes or any(m.positives > 0 for m in nodes):
+        return False
+    ids = "" if frame_ids is None else f" (frame ids {sorted(set(frame_ids))})"
+    cls = ""
+    if pipeline is not None:
+        for node in pipeline.node_list():
+            if hasattr(node, "normal_class_ids") and node.consumes_batch:
+                cls = (f" with normal_class_ids={list(node.normal_class_ids)} of data node "
+                       f"{node.name!r}")
+                break
+    warnings.warn(
+        f"the {split} split{ids} holds no anomalous pixel{cls}: IoU, F1 and recall are 0 and "
+        "AP/AUROC NaN whatever the model does. Check that normal_class_ids lists only the "
+        "normal classes (class ids outside it are anomalies) and that the split's frames hold "
+        "anomalies.",
+        NoAnomaliesWarning,
+        stacklevel=2,
+    )
+    return True

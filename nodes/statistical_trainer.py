@@ -27,8 +27,9 @@ from torch import Tensor
 from nodes.base import Node
 from nodes.data_node import AnomalyDataNode
 from nodes.errors import CubelineError, DataValidationError, PipelineError
-from nodes.metrics import AnomalyDetectionMetrics
+from nodes.metrics import AnomalyDetectionMetrics, warn_if_no_anomalies
 from nodes.pipeline import BATCH_CUBE, Pipeline
+from nodes.results import Results
 from nodes.stats import MomentAccumulator, MomentState, merge_all
 
 
@@ -452,20 +453,29 @@ class StatisticalTrainer:
         return PassOptions(normal_only=self.normal_only, sample_fraction=self.sample_fraction,
                            seed=self.seed, chunk_pixels=self.chunk_pixels)
 
-    def validate(self) -> dict[str, float]:
-        """Run the validation split; returns ``{"<metric node>/<metric>": value}``."""
+    def validate(self) -> Results:
+        """Run the validation split; returns ``{"<metric node>/<metric>": value}``.
+
+        The result is also readable in the guide's form, ``results["metrics"]``: a list of
+        ``(name, value)`` named tuples. A split without anomalous pixels gives a
+        :class:`~nodes.errors.NoAnomaliesWarning`.
+        """
         return evaluate_pipeline(self.pipeline, self._batches("val"), stage="val")
 
 
 def evaluate_pipeline(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]],
-                      stage: str = "val") -> dict[str, float]:
+                      stage: str = "val") -> Results:
     """Run ``batches`` through ``pipeline`` and collect every metric node's results."""
     metric_nodes = [n for n in pipeline.node_list() if isinstance(n, AnomalyDetectionMetrics)]
     if not metric_nodes:
         raise PipelineError("the pipeline has no metric node (e.g. AnomalyDetectionMetrics)")
     for m in metric_nodes:
         m.reset()
+    frame_ids: list[int] = []
     with torch.no_grad():
         for batch in batches:
             pipeline.forward(batch, stage=stage)
-    return {f"{m.name}/{k}": v for m in metric_nodes for k, v in m.compute().items()}
+            if isinstance(batch.get("frame_id"), Tensor):
+                frame_ids.extend(int(i) for i in batch["frame_id"].reshape(-1))
+    warn_if_no_anomalies(metric_nodes, stage, frame_ids or None, pipeline)
+    return Results({f"{m.name}/{k}": v for m in metric_nodes for k, v in m.compute().items()})

@@ -97,3 +97,13 @@ def test_bce_loss_is_weighted_mean_bce() -> None:
     expect_pw = 2.0 * F.binary_cross_entropy_with_logits(logits, targets.float(),
                                                          pos_weight=torch.tensor(5.0))
     torch.testing.assert_close(weighted(predictions=logits, targets=targets)["loss"], expect_pw)
+
+
+def test_threshold_beyond_float64_sigmoid_flags_nothing() -> None:
+    """A calibrated logit of 40 (all-normal validation frames) rounds to probability 1."""
+    d = BinaryDecider()
+    d.set_logit_threshold(40.0)
+    assert d.logit_threshold == math.inf
+    assert not d(logits=torch.full((1, 2, 2), 39.0))["decisions"].any()
+    d.set_logit_threshold(-800.0)
+    assert d(logits=torch.full((1, 2, 2), -1e4))["decisions"].all()
