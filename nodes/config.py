@@ -38,6 +38,7 @@ __all__ = [
     "LearningRateMonitorConfig",
     "ModelCheckpointConfig",
     "OptimizerConfig",
+    "ParamGroupConfig",
     "SchedulerConfig",
     "TrainerConfig",
     "TrainingConfig",
@@ -314,17 +315,69 @@ class ConfigModel(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
+class ParamGroupConfig(ConfigModel):
+    """Optimizer settings for the parameters of some nodes (a torch parameter group).
+
+    Nodes are named as in the pipeline (``rx``, ``logit_head``, ...); a field left ``None``
+    takes the optimizer's value.
+    """
+
+    nodes: Sequence[str]
+    lr: PositiveFloat | None = None
+    weight_decay: NonNegativeFloat | None = None
+
+    @field_validator("nodes")
+    @classmethod
+    def _some_nodes(cls, value: Sequence[str]) -> tuple[str, ...]:
+        names = tuple(value)
+        if not names:
+            raise ValueError("a parameter group needs at least one node name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names repeat within the group: {list(names)}")
+        return names
+
+
 class OptimizerConfig(ConfigModel):
     """Optimizer: ``adamw`` (default), ``adam`` or ``sgd`` (which alone takes ``momentum``).
 
     ``weight_decay`` defaults to 0 for every optimizer (torch's AdamW would default to 0.01) so
     that the config, not the optimizer class, decides the regularisation.
+
+    ``param_groups`` give chosen nodes their own learning rate or weight decay (per-node
+    learning rates): the parameters of nodes named in no group use ``lr`` and ``weight_decay``.
+    A node may appear in one group only.
     """
 
     name: OptimizerName = "adamw"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    param_groups: Sequence[ParamGroupConfig] = ()
+
+    @field_validator("param_groups", mode="before")
+    @classmethod
+    def _groups_none(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    @field_validator("param_groups")
+    @classmethod
+    def _groups_disjoint(cls, value: Sequence[ParamGroupConfig]) -> tuple[ParamGroupConfig, ...]:
+        seen: set[str] = set()
+        for group in value:
+            twice = seen.intersection(group.nodes)
+            if twice:
+                raise ValueError(f"node(s) {sorted(twice)} appear in more than one parameter group")
+            seen.update(group.nodes)
+        return tuple(value)
+
+    def node_settings(self, node: str) -> tuple[float, float]:
+        """``(lr, weight_decay)`` for the parameters of ``node``."""
+        for group in self.param_groups:
+            if node in group.nodes:
+                lr = group.lr if group.lr is not None else self.lr
+                wd = group.weight_decay if group.weight_decay is not None else self.weight_decay
+                return lr, wd
+        return self.lr, self.weight_decay
 
     @field_validator("name", mode="before")
     @classmethod

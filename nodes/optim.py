@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "build_callbacks",
     "build_optimizer",
+    "build_param_groups",
     "build_scheduler",
     "build_trainer_kwargs",
     "check_monitored_keys",
@@ -84,6 +85,52 @@ def build_optimizer(params: ParamsT, cfg: OptimizerConfig) -> torch.optim.Optimi
     raise ConfigError(
         f"optimizer.name '{cfg.name}' is unknown; valid names: {', '.join(OPTIMIZER_NAMES)}."
     )
+
+
+def build_param_groups(
+    nodes: Iterable[tuple[str, torch.nn.Module]], cfg: OptimizerConfig
+) -> list[dict[str, Any]]:
+    """Group the trainable parameters of named nodes by ``cfg.param_groups``.
+
+    One torch parameter group per configured group that has trainable parameters (named by its
+    nodes, which ``LearningRateMonitor`` shows), plus one for every other trainable parameter
+    at ``cfg.lr`` / ``cfg.weight_decay``.
+
+    Args:
+        nodes: ``(node name, module)`` pairs, e.g. ``pipeline.nodes.items()``.
+        cfg: The optimizer config.
+
+    Returns:
+        Parameter-group dicts for :func:`build_optimizer`.
+
+    Raises:
+        ConfigError: When a group names a node that is not among ``nodes``.
+    """
+    named = list(nodes)
+    known = {name for name, _ in named}
+    for group in cfg.param_groups:
+        unknown = [n for n in group.nodes if n not in known]
+        if unknown:
+            raise ConfigError(
+                f"optimizer.param_groups names unknown node(s) {unknown}; the pipeline's nodes: "
+                f"{', '.join(sorted(known))}."
+            )
+    buckets: dict[int, list[torch.Tensor]] = {}
+    for name, module in named:
+        index = next((i for i, g in enumerate(cfg.param_groups) if name in g.nodes), -1)
+        buckets.setdefault(index, []).extend(p for p in module.parameters() if p.requires_grad)
+    out: list[dict[str, Any]] = []
+    for index, params in sorted(buckets.items()):
+        if not params:
+            continue
+        if index < 0:
+            out.append({"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                        "name": "default"})
+            continue
+        group = cfg.param_groups[index]
+        lr, wd = cfg.node_settings(group.nodes[0])
+        out.append({"params": params, "lr": lr, "weight_decay": wd, "name": "+".join(group.nodes)})
+    return out
 
 
 def build_scheduler(

@@ -310,3 +310,21 @@ def test_same_metric_with_opposite_modes_rejected() -> None:
                 )
             ),
         )
+
+
+def test_param_groups_per_node_learning_rates() -> None:
+    cfg = OptimizerConfig.from_dict({"lr": 1e-3, "weight_decay": 1e-4, "param_groups": [
+        {"nodes": ["rx"], "lr": 1e-5}, {"nodes": ["logit_head"], "lr": 5e-2, "weight_decay": 0}]})
+    assert cfg.node_settings("rx") == (1e-5, 1e-4)
+    assert cfg.node_settings("logit_head") == (5e-2, 0.0)
+    assert cfg.node_settings("selector") == (1e-3, 1e-4)
+    assert OptimizerConfig.from_dict(cfg.to_dict()) == cfg
+    hash(cfg)
+    with pytest.raises(ConfigError, match=r"more than one parameter group"):
+        OptimizerConfig(param_groups=[{"nodes": ["rx"]}, {"nodes": ["rx", "x"]}])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="at least one node"):
+        OptimizerConfig(param_groups=[{"nodes": []}])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"param_groups\[0\].lr"):
+        OptimizerConfig(param_groups=[{"nodes": ["rx"], "lr": 0}])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="Did you mean 'nodes'"):
+        OptimizerConfig(param_groups=[{"node": ["rx"]}])  # type: ignore[list-item]

@@ -95,8 +95,8 @@ def train(tmp_path: Path, seed: int = 7) -> tuple[dict[str, float], Pipeline]:
     p.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
     gt = GradientTrainer(p, dm, losses(p), metric_nodes(p),
                          trainer_cfg(tmp_path), OptimizerConfig(name="adamw", lr=1e-2),
-                         SchedulerConfig(name="reduce_on_plateau", monitor="metrics_anomaly/iou",
-                                         mode="max"), seed=seed)
+                         SchedulerConfig(name="reduce_on_plateau",
+                                         monitor="val/metrics_anomaly/iou", mode="max"), seed=seed)
     gt.fit()
     return gt.test(), p
 
@@ -109,10 +109,15 @@ def test_fit_logs_losses_and_metrics(tmp_path: Path) -> None:
     gt = GradientTrainer(p, dm, losses(p), metric_nodes(p),
                          trainer_cfg(tmp_path), OptimizerConfig(lr=1e-2), seed=0)
     metrics = gt.fit()
-    assert {"train/bce", "val/bce", "metrics_anomaly/iou", "metrics_anomaly/ap"} <= set(metrics)
+    assert {"train/bce", "val/bce", "val/metrics_anomaly/iou", "val/metrics_anomaly/ap"} <= set(
+        metrics)
     assert not torch.equal(before, rx_of(p).mu.detach()), "RX mean did not move"
     test = gt.test()
-    assert {"metrics_anomaly/iou", "metrics_anomaly/f1", "metrics_anomaly/auroc"} <= set(test)
+    assert {"test/metrics_anomaly/iou", "test/metrics_anomaly/f1",
+            "test/metrics_anomaly/auroc"} <= set(test)
+    # The guide's bare name still answers, with a deprecation warning.
+    with pytest.warns(FutureWarning, match="test/metrics_anomaly/iou"):
+        assert test["metrics_anomaly/iou"] == test["test/metrics_anomaly/iou"]
     assert gt.calibration is not None and gt.calibration.method == "max_f1"
     threshold = cast(torch.Tensor, p.nodes["decider"].threshold)
     assert float(threshold) == pytest.approx(gt.calibration.probability)
@@ -278,3 +283,103 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
     result = [ln for ln in full.stdout.splitlines() if ln.startswith("RESULT")]
     again = [ln for ln in resumed.stdout.splitlines() if ln.startswith("RESULT")]
     assert result and result == again
+
+
+class _Sabotage:
+    """Callback factory: wreck the RX mean after every optimizer step of chosen epochs."""
+
+    @staticmethod
+    def make(p: Pipeline, epochs: set[int] | None) -> object:
+        import lightning as L
+
+        class Sabotage(L.Callback):
+            def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+                if epochs is None or trainer.current_epoch in epochs:
+                    with torch.no_grad():
+                        rx_of(p).mu.add_(50.0)
+
+        return Sabotage()
+
+
+class _Snapshots:
+    """Callback factory: the pipeline state and the monitored value after each validation."""
+
+    @staticmethod
+    def make(p: Pipeline, key: str) -> tuple[object, list[tuple[float, dict[str, torch.Tensor]]]]:
+        import lightning as L
+
+        seen: list[tuple[float, dict[str, torch.Tensor]]] = []
+
+        class Snap(L.Callback):
+            def on_validation_end(self, trainer: L.Trainer, *args: object) -> None:
+                state = {k: v.detach().clone() for k, v in p.state_dict().items()}
+                seen.append((float(trainer.callback_metrics[key]), state))
+
+        return Snap(), seen
+
+
+def test_every_epoch_worse_gives_phase1_state_back(tmp_path: Path) -> None:
+    dm = make_dm()
+    p = fitted_pipeline(dm)
+    p.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
+    phase1 = {k: v.detach().clone() for k, v in p.state_dict().items()}
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), trainer_cfg(tmp_path, epochs=2),
+                         OptimizerConfig(lr=1e-2), seed=0, monitor="val/metrics_anomaly/ap",
+                         callbacks=[_Sabotage.make(p, None)])  # type: ignore[list-item]
+    out = gt.fit()
+    report = gt.report
+    assert report is not None and report.kept_phase1 and report.outcome == "phase1_kept"
+    assert report.best_epoch is None and report.epochs_run == 2
+    assert report.monitor == "val/metrics_anomaly/ap" and report.mode == "max"
+    assert report.best_score is not None and report.best_score < report.phase1_score
+    for k, v in p.state_dict().items():
+        if k.endswith(("threshold",)):
+            continue  # the calibration after fit sets the decider's threshold
+        assert torch.equal(v, phase1[k]), k
+    assert out["val/metrics_anomaly/ap"] == report.phase1_score
+    assert "kept the Phase-1 state" in report.summary()
+    assert report.to_dict()["outcome"] == "phase1_kept"
+    # What is handed back scores on validation exactly as the Phase-1 initialization did.
+    assert gt.validate()["val/metrics_anomaly/ap"] == pytest.approx(report.phase1_score, abs=1e-6)
+
+
+def test_best_validation_epoch_is_kept_not_the_last(tmp_path: Path) -> None:
+    dm = make_dm()
+    p = fitted_pipeline(dm)
+    p.unfreeze_nodes_by_name(["selector", "rx", "logit_head"])
+    snap, seen = _Snapshots.make(p, "val/bce")
+    # The last epoch is wrecked, so the best epoch is an earlier one.
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), trainer_cfg(tmp_path, epochs=4),
+                         OptimizerConfig(lr=1e-2), seed=0,
+                         callbacks=[_Sabotage.make(p, {3}), snap])  # type: ignore[list-item]
+    gt.fit()
+    report = gt.report
+    assert report is not None and report.monitor == "val/bce" and report.mode == "min"
+    scores = [s for s, _ in seen]
+    best = min(range(len(scores)), key=scores.__getitem__)
+    assert best < 3 and scores[3] > scores[best]
+    assert not report.kept_phase1 and report.best_epoch == best
+    assert report.best_score is not None and report.best_score == pytest.approx(scores[best])
+    assert report.best_score < report.phase1_score
+    for k, v in seen[best][1].items():
+        if not k.endswith("threshold"):
+            assert torch.equal(p.state_dict()[k], v), k
+
+
+def test_monitor_defaults_follow_the_config(tmp_path: Path) -> None:
+    dm = make_dm()
+    p = fitted_pipeline(dm)
+    p.unfreeze_nodes_by_name(["logit_head"])
+    cfg = trainer_cfg(tmp_path, callbacks=CallbacksConfig(
+        checkpoint=ModelCheckpointConfig(monitor="val/metrics_anomaly/auroc", mode="max")))
+    sched = SchedulerConfig(name="reduce_on_plateau", monitor="val/bce", mode="min")
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), cfg, OptimizerConfig(), sched)
+    assert (gt.monitor, gt.monitor_mode) == ("val/metrics_anomaly/auroc", "max")
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), trainer_cfg(tmp_path),
+                         OptimizerConfig(), sched)
+    assert (gt.monitor, gt.monitor_mode) == ("val/bce", "min")
+    gt = GradientTrainer(p, dm, losses(p), metric_nodes(p), trainer_cfg(tmp_path))
+    assert (gt.monitor, gt.monitor_mode) == ("val/bce", "min")
+    with pytest.raises(TrainingError, match="val/metrics_anomaly/apx"):
+        GradientTrainer(p, dm, losses(p), metric_nodes(p), trainer_cfg(tmp_path),
+                        monitor="val/metrics_anomaly/apx")

@@ -12,6 +12,7 @@ from nodes.config import (
     LearningRateMonitorConfig,
     ModelCheckpointConfig,
     OptimizerConfig,
+    ParamGroupConfig,
     SchedulerConfig,
     TrainerConfig,
     TrainingConfig,
@@ -302,3 +303,42 @@ def test_check_monitored_keys_names_missing_key_and_its_source() -> None:
     msg = str(info.value)
     assert "'val/bec'" in msg and "trainer.callbacks.early_stopping[0]" in msg
     assert "train/loss, val/bce" in msg
+
+
+def test_build_param_groups_by_node_name() -> None:
+    from nodes.optim import build_param_groups
+
+    torch.manual_seed(0)
+    a, b, c = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    c.bias.requires_grad_(False)
+    cfg = OptimizerConfig(lr=1e-3, weight_decay=1e-4, param_groups=[
+        ParamGroupConfig(nodes=["rx"], lr=1e-5),
+        ParamGroupConfig(nodes=["head"], lr=5e-2, weight_decay=0.0)])
+    groups = build_param_groups([("sel", a), ("rx", b), ("head", c)], cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"default", "rx", "head"}
+    assert by_name["rx"]["lr"] == 1e-5 and by_name["rx"]["weight_decay"] == 1e-4
+    assert by_name["head"]["params"] == [c.weight]  # the frozen bias is left out
+    assert by_name["default"]["lr"] == 1e-3 and len(by_name["default"]["params"]) == 2
+    opt = build_optimizer(groups, cfg)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-5, 1e-3, 5e-2]
+    with pytest.raises(ConfigError, match=r"unknown node\(s\) \['rx'\].*head, sel"):
+        build_param_groups([("sel", a), ("head", c)], cfg)
+
+
+def test_param_groups_reach_the_lightning_optimizer(tmp_path: Path) -> None:
+    from nodes.gradient_trainer import PipelineModule
+    from nodes.pipeline import Pipeline
+    from nodes.rx import RXGlobal
+
+    p = Pipeline("p")
+    rx = RXGlobal(num_channels=2, name="rx")
+    p.add_node(rx)
+    module = PipelineModule(p, [], [], OptimizerConfig(lr=1e-3, param_groups=[
+        ParamGroupConfig(nodes=["rx"], lr=1e-5)]), None)
+    rx.mu = torch.zeros(2, dtype=torch.float64)
+    rx.sigma = torch.eye(2, dtype=torch.float64)
+    rx.unfreeze()
+    opt = module.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [1e-5]
+    assert {id(q) for q in opt.param_groups[0]["params"]} == {id(rx.mu), id(rx.cov_factor)}
