@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.env import disable_telemetry, repo_root, tune_allocator
+from tasks.env import VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
 
 
 def _params_path(args: argparse.Namespace) -> Path:
@@ -38,7 +37,9 @@ def _params_path(args: argparse.Namespace) -> Path:
 def _quiet(verbose: bool) -> None:
     """Library chatter off unless ``-v``: the summary is the output."""
     level = "INFO" if verbose else "WARNING"
-    if not verbose:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
         # Deprecation notices of our libraries (Lightning's pytree, Prefect, MLflow) are theirs to
         # fix, not the operator's; -v shows them. The variable reaches served/worker subprocesses.
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
@@ -56,8 +57,9 @@ def _quiet_lightning(verbose: bool) -> None:
     # Lightning sets its loggers to INFO when imported, so this must follow the import.
     import lightning.pytorch  # noqa: F401
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    from tasks.env import quiet_lightning
+
+    quiet_lightning()
 
 
 def _fmt(value: Any) -> str:

@@ -63,7 +63,7 @@ def build_deployments(params_path: Path) -> list[RunnerDeployment]:
         parameters={
             **common,
             "data_version": "{{ event.payload.data_version }}",
-            "event_id": "{{ event.id }}",
+            "event_id": "{{ event.id | string }}",  # a UUID: tojson needs a str
         },
     )
     retrain_dep = for_repo(retrain, root).to_deployment(

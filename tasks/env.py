@@ -100,3 +100,21 @@ def tune_allocator() -> dict[str, bool]:
     if mallopt is None:
         return dict.fromkeys(WORKER_MALLOPT, False)
     return {key: bool(mallopt(param, value)) for key, (param, value) in WORKER_MALLOPT.items()}
+
+
+#: Set by ``cubeline -v``; served and worker runs inherit it through the environment.
+VERBOSE_ENV = "CUBELINE_VERBOSE"
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up notices (accelerators, tips) off unless ``cubeline -v``.
+
+    Lightning sets its loggers to INFO when imported, so call this after importing it. Flow runs
+    that a served deployment or a worker starts in a new process call it too (through the
+    Phase-2 step), so their terminal shows cubeline's outcome line, not library chatter.
+    """
+    import logging
+
+    level = logging.INFO if os.environ.get(VERBOSE_ENV) else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(level)

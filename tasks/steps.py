@@ -1122,6 +1122,9 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
 
     from nodes.gradient_trainer import GradientTrainer
     from nodes.pipeline import Pipeline
+    from tasks.env import quiet_lightning
+
+    quiet_lightning()
 
     p = ctx.params
     pipeline = Pipeline.load_from_file(pipe.config_path)

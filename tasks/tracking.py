@@ -310,7 +310,15 @@ def _open_experiment(experiment_name: str, artifact_root: str | None, warn: bool
                 experiment.artifact_location,
                 artifact_root,
             )
-    mlflow.set_experiment(experiment_name)
+    exp = mlflow.set_experiment(experiment_name)
+    if exp.tags.get(_EXPERIMENT_KIND_TAG) != _EXPERIMENT_KIND:
+        # MLflow 3's UI opens experiments of unknown kind on its GenAI (traces) view; this kind
+        # makes the experiment page open on the training runs, their charts and models.
+        client.set_experiment_tag(exp.experiment_id, _EXPERIMENT_KIND_TAG, _EXPERIMENT_KIND)
+
+
+_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_EXPERIMENT_KIND = "custom_model_development"
 
 
 # --------------------------------------------------------------------------------------------

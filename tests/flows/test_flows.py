@@ -80,8 +80,9 @@ def test_retrain_end_to_end(trained: tuple[Path, object, str]) -> None:
     assert tags[TAG_PARAMS_HASH] and tags[TAG_GIT_COMMIT]
     assert run.data.params["phase2.trainer.max_epochs"] == "2"
     # Per-epoch validation metrics from Lightning's MLflow logger; test metrics; Phase-1 figures.
-    history = client.get_metric_history(run.info.run_id, "metrics_anomaly/auroc")
+    history = client.get_metric_history(run.info.run_id, "val/metrics_anomaly/auroc")
     assert len(history) == 2
+    assert not client.get_metric_history(run.info.run_id, "metrics_anomaly/auroc")
     assert run.data.metrics["test/metrics_anomaly/auroc"] == pytest.approx(
         s.evaluation.metrics["metrics_anomaly/auroc"]  # type: ignore[attr-defined]
     )
@@ -93,6 +94,11 @@ def test_retrain_end_to_end(trained: tuple[Path, object, str]) -> None:
     assert any(p.endswith(".png") for p in evaluation)
     mv = client.get_model_version_by_alias(reg.model_name, "champion")
     assert str(mv.version) == "1" and mv.run_id == run.info.run_id
+    # Why it exists, in one line; the trigger; the outcome line.
+    description = mv.description or ""
+    assert description.startswith("manual: first run; data ") and "\n" not in description
+    assert tags["cubeline.trigger"] == "manual" and tags["cubeline.reason"] == "manual: first run"
+    assert tags["cubeline.outcome"].endswith("-> champion (" + reg.reason + ")")
 
     # The initialization state is restorable by its hash from the in-repo DVC remote alone.
     shutil.rmtree(root / ".dvc" / "cache")
@@ -117,8 +123,9 @@ def test_predict_with_champion(trained: tuple[Path, object, str], tmp_path: Path
 
     root, _, _ = trained
     frame = root / "data" / "session" / "abu-urban-5.mat"
-    written = predict_cubes(root / "params.yaml", [frame], tmp_path / "pred")
-    names = sorted(p.name for p in written)
+    scored = predict_cubes(root / "params.yaml", [frame], tmp_path / "pred")
+    assert (scored.version, scored.model_uri) == ("1", "models:/cubeline-channel-selector/1")
+    names = sorted(p.name for p in scored.files)
     assert names == [
         "abu-urban-5_0.decisions.npy",
         "abu-urban-5_0.scores.npy",
@@ -132,16 +139,22 @@ def test_predict_with_champion(trained: tuple[Path, object, str], tmp_path: Path
         predict_cubes(root / "params.yaml", [frame], tmp_path / "x", alias="nope")
 
 
-def test_second_retrain_reuses_champion_state(trained: tuple[Path, object, str]) -> None:
+def test_second_retrain_with_nothing_changed_registers_nothing(
+    trained: tuple[Path, object, str],
+) -> None:
     root, first, _ = trained
     s = _retrain(root, reason="second run")
     assert not s.drift.drifted and not s.drift.reinitialize  # type: ignore[attr-defined]
     assert s.phase1 == "reused"  # type: ignore[attr-defined]
+    assert "champion's (v1) state reused" in s.phase1_reason  # type: ignore[attr-defined]
     assert s.state_hash == first.state_hash  # type: ignore[attr-defined]
-    reg = s.registration  # type: ignore[attr-defined]
-    # Same data, params and seed: equal metrics, and equal never promotes.
-    assert (reg.version, reg.alias, reg.champion_version) == ("2", "challenger", "1")
-    assert "equal" in reg.reason
+    # Same data, split, params, Phase-1 state and code as version 1: nothing new to register.
+    assert s.unchanged_version == "1" and s.registration is None  # type: ignore[attr-defined]
+    client = _mlflow(root)
+    versions = client.search_model_versions("name = 'cubeline-channel-selector'")
+    assert [str(v.version) for v in versions] == ["1"]
+    tags = client.get_run(s.ctx.run_id).data.tags  # type: ignore[attr-defined]
+    assert "unchanged: version 1" in tags["cubeline.outcome"]
 
 
 def test_unchanged_data_and_params_skip_phase1_via_cache(

@@ -51,13 +51,33 @@ def test_load_cubes_returns_a_small_reference(repo: Path, data: DataRef) -> None
     assert all(Path(p).is_absolute() for p in data.paths)
 
 
-def test_watch_paths_form_the_training_split(repo: Path, data: DataRef) -> None:
-    extra = str(repo / "data" / "extra" / "abu-urban-1.mat")
+def test_data_version_is_read_with_its_own_split(
+    repo: Path, data: DataRef, tmp_path: Path
+) -> None:
+    from tasks.data_versions import Split
+    from tasks.steps import ingest_files
+
+    extra = repo / "data" / "extra" / "abu-urban-1.mat"
     with pytest.raises(DataValidationError, match="204"):
-        load_cubes.fn(_ctx(repo), paths=(extra,))  # 204 bands, params expect 205
-    watched = load_cubes.fn(_ctx(repo), paths=tuple(data.paths[3:]))
-    assert watched.train_ids == (0, 1) and watched.num_frames == 2
-    assert watched.data_hash == data.data_hash  # inside data/: the tracked directory's hash
+        ingest_files(repo / "params.yaml", [extra, *data.paths[3:]])  # 204 bands, params: 205
+    info = ingest_files(
+        repo / "params.yaml", list(data.paths), split=Split((0, 1, 2), (3,), (4,))
+    )
+    ref = load_cubes.fn(_ctx(repo), info.version)
+    assert ref.version == ref.data_hash == info.version and not ref.dirty
+    assert (ref.train_ids, ref.val_ids, ref.test_ids) == ((0, 1, 2), (3,), (4,))
+    assert ref.split_names["test"] == ["abu-urban-5.mat#0"]
+    # Inside the version's own folder, not the workspace's data/.
+    assert all(str(info.path) in p for p in ref.paths)
+    # Same frames, same split: same version; another split: another version.
+    again = ingest_files(repo / "params.yaml", list(data.paths), split=info.split)
+    assert again.version == info.version
+    other = ingest_files(repo / "params.yaml", list(data.paths))
+    assert other.split == Split((0, 1, 2), (3,), (4,)) and other.version == info.version
+    moved = ingest_files(
+        repo / "params.yaml", list(data.paths), split=Split((0, 1, 3), (2,), (4,))
+    )
+    assert moved.version != info.version
 
 
 def _key_of(task: Any, ctx: RunContext, **params: Any) -> str:
