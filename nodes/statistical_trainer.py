@@ -29,7 +29,16 @@ from nodes.data_node import AnomalyDataNode
 from nodes.errors import CubelineError, DataValidationError, PipelineError
 from nodes.metrics import AnomalyDetectionMetrics, warn_if_no_anomalies
 from nodes.pipeline import BATCH_CUBE, Pipeline
+from nodes.quality import (
+    MAX_HELD_OUT_RATIO,
+    MIN_FIT_RATIO,
+    InitializationQualityError,
+    InitQuality,
+    assess,
+    fit_ratio,
+)
 from nodes.results import Results
+from nodes.rx import RXGlobal
 from nodes.stats import MomentAccumulator, MomentState, merge_all
 
 
@@ -48,6 +57,11 @@ class FitReport:
         stream_fitted: Nodes fitted through their own ``statistical_initialization`` stream (the
             guide's pattern); each cost one extra pass over the training data, counted in
             ``passes``.
+        quality: Per RX node, its initialization quality (:mod:`nodes.quality`): the fit ratio
+            after ``fit``, plus the held-out ratio after
+            :meth:`StatisticalTrainer.check_initialization`.
+        trimmed: Per RX node refitted without outliers (``trim_quantile``): the quantile, the
+            score threshold and the pixels kept and dropped (two extra passes, in ``passes``).
     """
 
     passes: int = 0
@@ -57,6 +71,8 @@ class FitReport:
     fitted: list[str] = field(default_factory=list)
     plan: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     stream_fitted: list[str] = field(default_factory=list)
+    quality: dict[str, InitQuality] = field(default_factory=dict)
+    trimmed: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _as_samples(t: Tensor) -> Tensor:
@@ -240,6 +256,11 @@ class StatisticalTrainer:
         chunk_pixels: Pixels per float64 GEMM of the accumulators (default: by device).
         shard_runner: Run each pass elsewhere (e.g. sharded on Dask, :mod:`nodes.sharding`);
             default: in this process (DDP ranks each take every world-th batch and merge).
+        trim_quantile: Robust RX statistics (the guide's ``remove_outliers``): after fitting an
+            RX node, drop the training pixels whose score lies above this quantile of the
+            scores and refit it on the rest (two extra passes, in this process). None (default)
+            keeps every pixel. E.g. 0.99 drops the 1 % most anomalous-looking pixels, which in
+            unlabelled data would otherwise widen the background covariance.
     """
 
     def __init__(
@@ -254,9 +275,16 @@ class StatisticalTrainer:
         refit: bool = True,
         chunk_pixels: int | None = None,
         shard_runner: ShardRunner | None = None,
+        trim_quantile: float | None = None,
     ) -> None:
         if sample_fraction is not None and not 0.0 < sample_fraction <= 1.0:
             raise CubelineError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        if trim_quantile is not None and not 0.5 <= trim_quantile < 1.0:
+            raise CubelineError(
+                f"trim_quantile must be in [0.5, 1), got {trim_quantile}; e.g. 0.99 drops the "
+                "1 % highest-scoring training pixels before refitting RX (None: keep all)"
+            )
+        self.trim_quantile = trim_quantile
         self.pipeline = pipeline
         self.datamodule = datamodule
         self.normal_only = normal_only
@@ -382,6 +410,7 @@ class StatisticalTrainer:
             # Each chain node's affine map is read once a pass, onto the moments' device: a node
             # is fitted (in topological order) before any node downstream asks for its map.
             maps: dict[str, tuple[Tensor, Tensor | None, bool]] = {}
+            fitted_rx: dict[str, MomentState] = {}
             with torch.no_grad():
                 for node in sorted(ready, key=lambda n: order.index(n.name)):
                     root, chain = plans[node.name]
@@ -399,6 +428,16 @@ class StatisticalTrainer:
                     node.fit_from_moments(m)
                     report.fitted.append(node.name)
                     report.plan[node.name] = (root, chain)
+                    if isinstance(node, RXGlobal):
+                        fitted_rx[node.name] = m
+            if self.trim_quantile is not None and fitted_rx:
+                fitted_rx.update(self._trim_rx(fitted_rx, report))
+                report.passes += 2
+            for name, m in fitted_rx.items():
+                rx: RXGlobal = p.nodes[name]  # type: ignore[assignment]
+                report.quality[name] = assess(name, rx.num_channels, fit_ratio(rx, m),
+                                              eps=rx.eps)
+            fitted_rx.clear()
             pending = [n for n in pending if n not in ready]
         report.seconds = time.perf_counter() - t0
         self.report = report
@@ -437,6 +476,128 @@ class StatisticalTrainer:
             node.statistical_initialization(_InputStream())
         if not node.is_initialized:
             node.mark_initialized()
+
+    def _input_key(self, node: Node) -> str:
+        edge = self.pipeline.inputs_of(node.name).get("data")
+        return BATCH_CUBE if edge is None else f"{edge.src}.{edge.src_port}"
+
+    def _trim_rx(self, fitted: Mapping[str, MomentState], report: FitReport
+                 ) -> dict[str, MomentState]:
+        """Refit the RX nodes in ``fitted`` without their highest-scoring training pixels.
+
+        Pass 1 histograms each node's scores (log10 bins of 0.001 decade: the threshold is the
+        quantile to 0.23 %); pass 2 folds the input pixels scoring at or below the threshold
+        into fresh moments, which the node is refitted from. Pixel selection (``normal_only``,
+        ``sample_fraction``) is the fit's.
+        """
+        p = self.pipeline
+        q = float(self.trim_quantile or 1.0)
+        nodes: dict[str, RXGlobal] = {n: p.nodes[n] for n in fitted}  # type: ignore[misc]
+        keys = {n: (self._input_key(rx), f"{n}.scores") for n, rx in nodes.items()}
+        lo, hi, bins = -12.0, 12.0, 24_000
+        hists = {n: torch.zeros(bins, dtype=torch.float64) for n in nodes}
+        mask_key = _mask_key(p)
+        wanted = [k for pair in keys.values() for k in pair]
+        wanted += [mask_key] if self.normal_only and mask_key else []
+
+        def selected_passes() -> Iterator[tuple[dict[str, Tensor], Tensor | None]]:
+            gen = torch.Generator().manual_seed(self.seed)
+            with torch.no_grad():
+                for batch in self._batches("train"):
+                    out = p.forward(batch, stage="train", outputs=wanted)
+                    yield out, _pixel_selection(batch, out, mask_key, self.options, gen)
+
+        for out, keep in selected_passes():
+            for n, (_, skey) in keys.items():
+                sc = out[skey].reshape(-1).double()
+                sc = sc if keep is None else sc[keep]
+                logs = torch.log10(sc.clamp_min(10.0 ** lo)).cpu()
+                hists[n] += torch.histc(logs, bins=bins, min=lo, max=hi)
+        thresholds: dict[str, float] = {}
+        for n, h in hists.items():
+            cum = torch.cumsum(h, 0)
+            idx = int(torch.searchsorted(cum, q * float(cum[-1])))
+            thresholds[n] = 10.0 ** (lo + (hi - lo) * (min(idx, bins - 1) + 1) / bins)
+        accs: dict[str, MomentAccumulator] = {}
+        for out, keep in selected_passes():
+            for n, (ikey, skey) in keys.items():
+                x, sc = _as_samples(out[ikey]), out[skey].reshape(-1)
+                if keep is not None:
+                    x, sc = x[keep], sc[keep]
+                x = x[sc <= thresholds[n]]
+                if n not in accs:
+                    accs[n] = MomentAccumulator(x.shape[1], device=x.device,
+                                                chunk=self.chunk_pixels)
+                accs[n].update(x)
+        trimmed: dict[str, MomentState] = {}
+        with torch.no_grad():
+            for n, rx in nodes.items():
+                m = _to_host(accs[n].finalize())
+                if m.count < 2:
+                    raise DataValidationError(
+                        f"trim_quantile={q} left {m.count} training pixels for {n!r}; use a "
+                        "higher quantile or more data"
+                    )
+                rx.fit_from_moments(m)
+                trimmed[n] = m
+                before = fitted[n].count
+                report.trimmed[n] = {"quantile": q, "threshold": thresholds[n],
+                                     "kept": float(m.count), "dropped": float(before - m.count)}
+        return trimmed
+
+    def check_initialization(self, split: str = "val", *,
+                             min_fit_ratio: float = MIN_FIT_RATIO,
+                             max_held_out_ratio: float = MAX_HELD_OUT_RATIO,
+                             strict: bool = False) -> dict[str, InitQuality]:
+        """Check every fitted RX node on the normal pixels of ``split`` (one pass).
+
+        The correct form of the guide's "Validate Initialization Quality" (see
+        :mod:`nodes.quality`): the mean squared Mahalanobis distance of normal held-out pixels
+        is compared with the channel count, and the fit ratio of :meth:`fit` with 1.
+
+        Args:
+            split: ``"val"`` or ``"test"`` (or ``"train"``).
+            min_fit_ratio: Lowest acceptable fit ratio.
+            max_held_out_ratio: Highest acceptable held-out ratio.
+            strict: Raise :class:`~nodes.quality.InitializationQualityError` on a bad node.
+
+        Returns:
+            ``{node name: InitQuality}``, also stored in ``self.report.quality``.
+        """
+        p = self.pipeline
+        rx_nodes: list[RXGlobal] = [n for n in p.node_list() if isinstance(n, RXGlobal)]
+        missing = [n.name for n in rx_nodes if n.name not in self.report.quality]
+        if missing:
+            raise PipelineError(
+                f"no fit ratio for RX nodes {missing}: run StatisticalTrainer.fit() first"
+            )
+        mask_key = _mask_key(p)
+        wanted = [f"{n.name}.scores" for n in rx_nodes] + ([mask_key] if mask_key else [])
+        sums = dict.fromkeys((n.name for n in rx_nodes), 0.0)
+        count = 0
+        with torch.no_grad():
+            for batch in self._batches(split):
+                out = p.forward(batch, stage="inference", outputs=wanted)
+                normal = None if mask_key is None else ~out[mask_key].reshape(-1)
+                for n in rx_nodes:
+                    sc = out[f"{n.name}.scores"].reshape(-1).double()
+                    sums[n.name] += float((sc if normal is None else sc[normal]).sum())
+                count += int(normal.sum()) if normal is not None else int(
+                    out[wanted[0]].numel())
+        result: dict[str, InitQuality] = {}
+        for n in rx_nodes:
+            held = sums[n.name] / max(count, 1) / n.num_channels
+            result[n.name] = assess(n.name, n.num_channels, self.report.quality[n.name].fit_ratio,
+                                    held, split, eps=n.eps, min_fit_ratio=min_fit_ratio,
+                                    max_held_out_ratio=max_held_out_ratio)
+        self.report.quality.update(result)
+        bad = [q for q in result.values() if not q.ok]
+        if strict and bad:
+            raise InitializationQualityError(
+                "initialization failed its quality check: "
+                + "; ".join(f"{q.node}: {' / '.join(q.reasons)}" for q in bad)
+            )
+        return result
 
     def _run_pass(self, roots: list[str]) -> dict[str, MomentState]:
         """One pass over the training data: global moments at every root port."""
