@@ -34,9 +34,20 @@ def _params_path(args: argparse.Namespace) -> Path:
     return repo_root() / "params.yaml"
 
 
-def _quiet(verbose: bool) -> None:
-    """Library chatter off unless ``-v``: the summary is the output."""
+#: Commands that run a flow in this process and print their own outcome (or one error line).
+_IN_PROCESS_FLOWS = ("run", "train", "drift")
+
+
+def _quiet(verbose: bool, command: str = "") -> None:
+    """Library chatter off unless ``-v``: the summary is the output.
+
+    For the commands that run a flow here, Prefect's console logs go too: a failure ends in one
+    ``cubeline <cmd>: error: ...`` line (or a traceback for a bug), not in Prefect's copies of
+    it. The logs still reach the Prefect API and UI. ``serve`` keeps warnings and errors, since
+    its terminal is where served runs report.
+    """
     level = "INFO" if verbose else "WARNING"
+    console = "CRITICAL" if not verbose and command in _IN_PROCESS_FLOWS else level
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     else:
@@ -48,7 +59,7 @@ def _quiet(verbose: bool) -> None:
             "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"
         )
     # Only the console is quieted: flow and task logs still reach the Prefect API (and UI).
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", level)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", console)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(verbose).lower())
 
@@ -464,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # same setting the local Dask workers get, so in-process and sharded compare alike).
         tune_allocator()
     args = build_parser().parse_args(argv)
-    _quiet(args.verbose)
+    _quiet(args.verbose, args.command)
     from nodes.errors import CubelineError
 
     try:

@@ -27,11 +27,15 @@ Crash and concurrency safety (why the code is ordered as it is):
   serialized (run registration from one place). A ``reevaluate_champion`` hook runs under the
   lock, so a concurrent registration waits for it.
 
-Champion history is kept in the registry itself, as registered-model tags
-``cubeline.champion_history.<seq>`` holding one JSON entry each (append-only, bounded size, no
-read-modify-write of a growing list). An entry is written as ``pending`` before the alias move
+Champion history is kept in its own store beside the registry: the artifacts
+``champion_history/<seq>.json`` of one MLflow run per registered model (run name
+``champion-history-<model>``, found through the short registered-model tag
+``cubeline.history_run_id``), one small JSON file per change (append-only, no read-modify-write
+of a growing list, no long JSON in tags). An entry is written as ``pending`` before the alias move
 and marked ``committed`` after it; a pending entry left by a kill is settled on the next write
-(committed if ``champion`` names its version, aborted otherwise) and read the same way.
+(committed if ``champion`` names its version, aborted otherwise) and read the same way. Entries
+that older cubeline versions kept as registered-model tags ``cubeline.champion_history.<seq>``
+are still read.
 """
 
 from __future__ import annotations
@@ -92,7 +96,9 @@ CHALLENGER = "challenger"
 #: use.
 FAULT_ENV = "CUBELINE_REGISTRY_FAULT"
 
-_HISTORY_PREFIX = "cubeline.champion_history."
+_HISTORY_PREFIX = "cubeline.champion_history."  # where cubeline <= 0.x kept it (read only)
+_TAG_HISTORY_RUN = "cubeline.history_run_id"
+_HISTORY_DIR = "champion_history"
 _TAG_SPLIT = "cubeline.split_id"
 _TAG_EVAL_PREFIX = "cubeline.eval."
 _TAG_RUN = "cubeline.run_id"
@@ -525,16 +531,61 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
                 raise
 
 
+def _history_run(client: MlflowClient, model_name: str, create: bool) -> str | None:
+    """The MLflow run whose artifacts hold ``model_name``'s champion history."""
+    run_id = client.get_registered_model(model_name).tags.get(_TAG_HISTORY_RUN)
+    if run_id or not create:
+        return run_id or None
+    from mlflow.tracking.fluent import _get_experiment_id
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    run = client.create_run(
+        _get_experiment_id() or "0",
+        run_name=f"champion-history-{model_name}",
+        tags={"cubeline.flow": "champion-history", "cubeline.model_name": model_name,
+              MLFLOW_RUN_NOTE: "Who held alias champion of "
+              f"{model_name}, when and why: one JSON file per change (cubeline history)."},
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_registered_model_tag(model_name, _TAG_HISTORY_RUN, run.info.run_id)
+    return str(run.info.run_id)
+
+
 def _raw_history(client: MlflowClient, model_name: str) -> list[dict[str, Any]]:
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
     tags = client.get_registered_model(model_name).tags
-    entries = [json.loads(v) for k, v in tags.items() if k.startswith(_HISTORY_PREFIX)]
-    return sorted(entries, key=lambda e: int(e["seq"]))
+    by_seq = {
+        int(e["seq"]): e
+        for e in (json.loads(v) for k, v in tags.items() if k.startswith(_HISTORY_PREFIX))
+    }
+    run_id = _history_run(client, model_name, create=False)
+    if run_id and client.list_artifacts(run_id, _HISTORY_DIR):
+        with tempfile.TemporaryDirectory(prefix="cubeline-history-") as tmp:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=_HISTORY_DIR, dst_path=tmp
+                )
+            )
+            for path in local.glob("*.json"):
+                entry = json.loads(path.read_text(encoding="utf-8"))
+                by_seq[int(entry["seq"])] = entry
+    return [by_seq[k] for k in sorted(by_seq)]
 
 
 def _write_entry(client: MlflowClient, model_name: str, entry: dict[str, Any]) -> None:
-    client.set_registered_model_tag(
-        model_name, f"{_HISTORY_PREFIX}{int(entry['seq']):06d}", json.dumps(entry, sort_keys=True)
-    )
+    import tempfile
+    from pathlib import Path
+
+    run_id = _history_run(client, model_name, create=True)
+    assert run_id is not None
+    with tempfile.TemporaryDirectory(prefix="cubeline-history-") as tmp:
+        path = Path(tmp) / f"{int(entry['seq']):06d}.json"
+        path.write_text(json.dumps(entry, sort_keys=True, indent=1), encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path=_HISTORY_DIR)
 
 
 def _settled(entries: list[dict[str, Any]], champion: str | None) -> list[dict[str, Any]]:
