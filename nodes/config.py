@@ -320,11 +320,19 @@ class ParamGroupConfig(ConfigModel):
 
     Nodes are named as in the pipeline (``rx``, ``logit_head``, ...); a field left ``None``
     takes the optimizer's value.
+
+    ``relative_lr`` makes the step size relative to each parameter's magnitude when the
+    optimizer is built: ``lr * RMS(p)`` (``lr`` itself for a parameter that is all zeros),
+    after Adafactor's relative step (Shazeer & Stern 2018). Adam-type optimizers move every
+    entry by about ``lr`` per step whatever its scale, so without it a covariance factor with
+    entries of 1e-3 and a logit scale of 1e-2 change by a large fraction per step at a rate
+    that barely moves a bias.
     """
 
     nodes: Sequence[str]
     lr: PositiveFloat | None = None
     weight_decay: NonNegativeFloat | None = None
+    relative_lr: bool = False
 
     @field_validator("nodes")
     @classmethod

@@ -14,6 +14,7 @@ Lightning is imported lazily (its import costs several seconds) and only from ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,8 @@ def build_param_groups(
 
     One torch parameter group per configured group that has trainable parameters (named by its
     nodes, which ``LearningRateMonitor`` shows), plus one for every other trainable parameter
-    at ``cfg.lr`` / ``cfg.weight_decay``.
+    at ``cfg.lr`` / ``cfg.weight_decay``. A ``relative_lr`` group becomes one torch group per
+    parameter, at ``lr * RMS(p)`` of the parameter as it is now (named ``<nodes>/<i>``).
 
     Args:
         nodes: ``(node name, module)`` pairs, e.g. ``pipeline.nodes.items()``.
@@ -129,7 +131,15 @@ def build_param_groups(
             continue
         group = cfg.param_groups[index]
         lr, wd = cfg.node_settings(group.nodes[0])
-        out.append({"params": params, "lr": lr, "weight_decay": wd, "name": "+".join(group.nodes)})
+        name = "+".join(group.nodes)
+        if not group.relative_lr:
+            out.append({"params": params, "lr": lr, "weight_decay": wd, "name": name})
+            continue
+        for i, p in enumerate(params):
+            rms = float(p.detach().double().square().mean().sqrt()) if p.numel() else 0.0
+            scale = rms if math.isfinite(rms) and rms > 0 else 1.0
+            out.append({"params": [p], "lr": lr * scale, "weight_decay": wd,
+                        "name": f"{name}/{i}"})
     return out
 
 

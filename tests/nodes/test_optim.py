@@ -342,3 +342,25 @@ def test_param_groups_reach_the_lightning_optimizer(tmp_path: Path) -> None:
     opt = module.configure_optimizers()
     assert [g["lr"] for g in opt.param_groups] == [1e-5]
     assert {id(q) for q in opt.param_groups[0]["params"]} == {id(rx.mu), id(rx.cov_factor)}
+
+
+def test_relative_lr_scales_each_parameter_by_its_magnitude() -> None:
+    from nodes.optim import build_param_groups
+
+    head = torch.nn.Module()
+    head.scale = torch.nn.Parameter(torch.tensor(0.004))
+    head.bias = torch.nn.Parameter(torch.tensor(0.0))
+    rx = torch.nn.Module()
+    rx.cov = torch.nn.Parameter(torch.full((2, 2), 3e-3))
+    cfg = OptimizerConfig(lr=1e-3, param_groups=[
+        ParamGroupConfig(nodes=["head", "rx"], lr=0.1, relative_lr=True)])
+    groups = build_param_groups([("head", head), ("rx", rx)], cfg)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == pytest.approx({"head+rx/0": 0.1 * 0.004, "head+rx/1": 0.1,
+                                 "head+rx/2": 0.1 * 3e-3})
+    # One Adam step then moves each parameter by about lr * |p|: 10 % of it, not 25x it.
+    opt = build_optimizer(groups, cfg)
+    (head.scale * 5.0 + head.bias + rx.cov.sum()).backward()
+    before = float(head.scale)
+    opt.step()
+    assert abs(float(head.scale) - before) == pytest.approx(0.1 * 0.004, rel=1e-3)
