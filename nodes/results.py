@@ -111,10 +111,12 @@ def canonical_monitors(
             filename = _FIELD.sub(_sub, filename)
         ck = ck.model_copy(update={"monitor": fix(ck.monitor), "filename": filename})
     stops = tuple(es.model_copy(update={"monitor": fix(es.monitor)}) for es in cbs.early_stopping)
+    new_scheduler = scheduler
     if scheduler is not None:
-        scheduler = scheduler.model_copy(update={"monitor": fix(scheduler.monitor)})
+        new_scheduler = scheduler.model_copy(update={"monitor": fix(scheduler.monitor)})
     if not changed:
         return trainer, scheduler
+    scheduler = new_scheduler
     warnings.warn(
         "bare metric names are deprecated in monitors and checkpoint filenames: validation "
         f"metrics are logged as '{stage}/<metric node>/<metric>'; read as "

@@ -505,3 +505,50 @@ def test_guide_example_runs_as_written_on_the_bundled_session(
     key = f"{rx_node.name}.scores"
     assert key in out and out[key].shape == (1, 100, 100)
     assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------- default names and lone nodes (issue 11)
+
+
+def test_default_names_are_numbered_on_a_clash_and_explicit_ones_refused() -> None:
+    p = Pipeline()
+    first, second = RXGlobal(num_channels=3), RXGlobal(num_channels=3)
+    p.add_node(first)
+    p.add_node(second)
+    assert (first.name, second.name) == ("rx_detector", "rx_detector_2")
+    # connect() numbers new nodes the same way, before any edge is added.
+    sel_a = SoftChannelSelector(2, 4, init_method="uniform")
+    sel_b = SoftChannelSelector(2, 4, init_method="uniform")
+    q = Pipeline()
+    q.connect((MinMaxNormalizer(use_running_stats=False).normalized, sel_a.data))
+    q.connect(("normalizer.normalized", sel_b.data))
+    assert sorted(q.nodes) == ["normalizer", "selector", "selector_2"]
+    with pytest.raises(PipelineError, match=r"already has a node named 'rx_detector'.*name=\.\.\."):
+        p.add_node(RXGlobal(num_channels=3, name="rx_detector"))
+
+
+def test_a_failed_connect_renames_nothing() -> None:
+    p = Pipeline()
+    p.add_node(RXGlobal(num_channels=3))
+    other, head = RXGlobal(num_channels=4), ScoreToLogit(standardize=False)
+    with pytest.raises(PortConnectionError):
+        p.connect((other.scores, head.scores), (SoftChannelSelector(2, 4).selected, other.data))
+    assert other.name == "rx_detector" and list(p.nodes) == ["rx_detector"]
+
+
+def test_a_lone_node_reads_the_batch_cube_only_without_a_data_node() -> None:
+    p = Pipeline()
+    rx = RXGlobal(num_channels=3, eps=0.0)
+    p.add_node(rx)
+    assert p.implicit_cube_inputs() == ["rx_detector"]
+    cube = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    rx.mu = cube.reshape(-1, 3).mean(0)
+    rx.sigma = torch.cov(cube.reshape(-1, 3).T)
+    out = p.forward({"cube": cube})
+    assert torch.equal(out["batch.cube"], cube) and out["rx_detector.scores"].shape == (2, 4, 5)
+    with pytest.raises(PipelineError, match=r"have no connection into their 'data' input.*'cube'"):
+        p.forward({"mask": torch.zeros(2, 4, 5)})
+    p.add_node(AnomalyDataNode())  # now the cube has an explicit source: connect it
+    assert p.implicit_cube_inputs() == []
+    with pytest.raises(PipelineError, match=r"unconnected inputs \['data'\]"):
+        p.forward({"cube": cube})
