@@ -58,6 +58,8 @@ def phase2_and_register(
             flow=flow, ctx=ctx, data=data, state_hash=state_hash, phase1=phase1, drift=drift,
             train=trained, evaluation=evaluation, registration=registration,
             phase1_reason=phase1_reason, champion_metrics=registration.champion_metrics,
+            # A concurrent run registered the same model while this one trained.
+            unchanged_version=registration.version if registration.unchanged else None,
         )
     publish_outcome(summary)
     return summary

@@ -424,6 +424,8 @@ class RegistrationResult:
         champion_version: ``champion`` after the call (None if there is none).
         previous_champion_version: ``champion`` before the call.
         champion_reevaluated: The champion was re-scored on the challenger's split.
+        unchanged: ``version`` already held this exact model (same :data:`TAG_FINGERPRINT`,
+            registered by a concurrent run while this one trained): nothing was registered.
     """
 
     model_name: str
@@ -432,6 +434,7 @@ class RegistrationResult:
     champion_version: str | None
     previous_champion_version: str | None
     champion_reevaluated: bool = False
+    unchanged: bool = False
 
     @property
     def alias(self) -> str:
@@ -818,6 +821,26 @@ def register_and_promote(
     metrics = {k: float(v) for k, v in metrics.items()}
     with _registry_lock(lock_timeout_s):
         _ensure_registered_model(client, model_name)
+        fp = (tags or {}).get(TAG_FINGERPRINT)
+        same = find_versions_by_tag(model_name, TAG_FINGERPRINT, fp) if fp else []
+        if same:
+            # Checked again under the lock: a concurrent run may have registered it meanwhile.
+            champ = get_alias_version(model_name, CHAMPION)
+            holder = str(champ.version) if champ is not None else None
+            return RegistrationResult(
+                model_name=model_name,
+                version=same[0],
+                decision=PromotionDecision(
+                    promote=False,
+                    reason=f"unchanged: version {same[0]} holds this exact model (same data, "
+                    "params, Phase-1 state and code); nothing registered",
+                    metric=gate.metric,
+                    challenger_value=float(metrics.get(gate.metric, math.nan)),
+                ),
+                champion_version=holder,
+                previous_champion_version=holder,
+                unchanged=True,
+            )
         entries = _settle_pending(client, model_name)
         version_tags = {
             _TAG_RUN: run_id,

@@ -286,6 +286,7 @@ class RegistrationSummary:
     previous_champion_version: str | None
     model_uri: str
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)
@@ -1302,7 +1303,7 @@ def register_model(
         ),
     )
     champion_metrics: dict[str, float] = {}
-    if result.previous_champion_version is not None:
+    if result.previous_champion_version is not None and not result.unchanged:
         prev = _client().get_model_version(result.model_name, result.previous_champion_version)
         champion_metrics = version_metrics(prev, evaluation.split_id) or {}
     return RegistrationSummary(
@@ -1315,6 +1316,7 @@ def register_model(
         previous_champion_version=result.previous_champion_version,
         model_uri=info.model_uri,
         champion_metrics=champion_metrics,
+        unchanged=result.unchanged,
     )
 
 

@@ -48,7 +48,8 @@ def test_drift_triggered_reinitialization_closes_the_loop(
     from tasks.serving import score_remote
 
     root = repo_copy
-    edit_params(root, schedule={"drift_watch_interval_s": 86400})
+    # drift_watch every 60 s: its scheduled runs (empty inbox) show how a schedule is recorded.
+    edit_params(root, schedule={"drift_watch_interval_s": 60})
     env = cubeline_env(prefect_server, tmp_path / "client-home")
     first = cubeline(root, env, "run", "--reason", "initial champion")
     assert "alias champion" in first and "/runs/flow-run/" in first  # the flow run's UI page
@@ -124,4 +125,26 @@ def test_drift_triggered_reinitialization_closes_the_loop(
         hist = cubeline(root, env, "history")
         if promoted:
             assert f"drift event {event_id} on data {data_version}" in hist
+
+        # A deployment run someone asked for is "manual via deployment", not a schedule.
+        from prefect.deployments import run_deployment
+
+        manual: Any = run_deployment(name=f"retrain/{RETRAIN_DEPLOYMENT}", timeout=400)
+        assert manual.state is not None and manual.state.is_completed(), manual.state
+        by_trigger = {
+            r.data.tags.get("cubeline.trigger"): r
+            for r in client.search_runs([exp.experiment_id])
+        }
+        assert by_trigger["manual via deployment"].data.tags["cubeline.reason"] == (
+            f"manual via deployment {RETRAIN_DEPLOYMENT}"
+        )
+        # The server's scheduler started drift_watch: "schedule every 60 s"; its empty inbox
+        # gave nothing to check and no event.
+        scheduled = wait_for("a scheduled drift_watch run", lambda: client.search_runs(
+            [exp.experiment_id], filter_string="tags.`cubeline.trigger` = 'schedule'"
+        ), timeout=180, every=5)
+        assert scheduled[0].data.tags["cubeline.reason"] == "schedule every 60 s"
+        assert scheduled[0].data.tags["cubeline.flow"] == "drift_watch"
+        assert "no new frames" in scheduled[0].data.tags["cubeline.outcome"]
+        assert len(triggered_runs(retrain_dep.id)) == 1
     assert promoted, "the gate kept the champion that drifted data had left behind"
