@@ -94,6 +94,7 @@ def test_drift_triggered_reinitialization_closes_the_loop(
         assert not [r for r in retrain_runs(retrain_dep.id) if r.state_name == "Running"]
 
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        mlflow.set_registry_uri(f"sqlite:///{root / 'mlflow.db'}")
         client = mlflow.MlflowClient()
         exp = client.get_experiment_by_name("cubeline")
         assert exp is not None
