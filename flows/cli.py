@@ -476,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_allocator()
     args = build_parser().parse_args(argv)
     _quiet(args.verbose, args.command)
+    if argv is None:
+        _stop_on_sigterm()
     from nodes.errors import CubelineError
 
     try:
@@ -488,6 +490,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         _exit_fast(rc)
     return rc
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends a command like Ctrl-C: runs close as KILLED, servers and children stop.
+
+    The exit handlers then run (Prefect stops its temporary server, logs are flushed) instead of
+    the process vanishing with its children left behind.
+    """
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _exit_fast(rc: int) -> None:

@@ -46,9 +46,9 @@ def retrain(
             data = combine_data(ctx, data, check.champion_run_id)
             record_data(ctx, data)
         if check.reinitialize or check.reference_state_hash is None:
-            fitted = fit_statistics(ctx, data, return_state=True)
-            state_hash = fitted.result().state_hash
-            if fitted.name == "Cached":
+            fitted = fit_statistics(ctx, data)
+            state_hash = fitted.state_hash
+            if fitted.cached:
                 phase1 = "cached"
                 why = f"{check.reason}; an earlier fit of the same data and params was reused"
             else:

@@ -22,9 +22,8 @@ def train(
     with tracked_run(params_path, "train", reason, data_version=data_version) as ctx:
         data = load_cubes(ctx, data_version or None)
         record_data(ctx, data)
-        fitted = fit_statistics(ctx, data, return_state=True)
-        init = fitted.result()
-        cached = fitted.name == "Cached"
+        init = fit_statistics(ctx, data)
+        cached = init.cached
         phase1 = "cached" if cached else "fitted"
         why = (
             "training from scratch; an earlier fit of the same data and params was reused"

@@ -52,6 +52,7 @@ __all__ = [
 
 PIPELINE_CONFIG_ARTIFACT = "pipeline_config"
 PIPELINE_WEIGHTS_ARTIFACT = "pipeline_weights"
+SHA256_METADATA = "cubeline_sha256"
 
 #: Model output name → ``"<node>.<port>"`` of the channel-selector preset.
 DEFAULT_OUTPUTS: dict[str, str] = {
@@ -325,9 +326,20 @@ def log_pipeline_model(
                 name=pipeline_name or pipeline.name, description=description, tags=list(tags)
             ),
         )
+        import hashlib
+
+        digests = {
+            key: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            for key, path in (
+                (PIPELINE_CONFIG_ARTIFACT, config_path),
+                (PIPELINE_WEIGHTS_ARTIFACT, weights_path),
+            )
+        }
         with _direct_requirement_check():
             return mlflow.pyfunc.log_model(
                 name=name,
+                # The files' SHA-256, so a registered version can pin them (tasks.serving).
+                metadata={SHA256_METADATA: digests},
                 python_model=str(Path(__file__).resolve()),
                 artifacts={
                     PIPELINE_CONFIG_ARTIFACT: str(config_path),

@@ -105,6 +105,8 @@ _TAG_RUN = "cubeline.run_id"
 _TAG_CONTEXT = "cubeline.reason_context"
 #: What fixes a trained model (data, split, params, Phase-1 state, code): see tasks.steps.
 TAG_FINGERPRINT = "cubeline.fingerprint"
+#: ``<prefix><artifact>`` = SHA-256 of the model's pipeline YAML / weights, pinned at registration.
+TAG_SHA256_PREFIX = "cubeline.sha256."
 _TAG_REGISTERED_AT = "cubeline.registered_at"
 _TAG_DECISION = "cubeline.decision"
 _TAG_DECISION_REASON = "cubeline.decision_reason"

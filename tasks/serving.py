@@ -98,9 +98,40 @@ def load_version(model_name: str, version: str) -> LoadedModel:
             f"models:/{model_name}/{version} is not a cubeline pipeline model ({exc!r}); register "
             "models logged by tasks.pyfunc_model.log_pipeline_model"
         ) from None
+    _check_pinned(model_name, str(version), {PIPELINE_CONFIG_ARTIFACT: config,
+                                              PIPELINE_WEIGHTS_ARTIFACT: weights})
     pipeline = Pipeline.load_from_file(config, weights, device="cpu")
     pipeline.eval()
     return LoadedModel(model_name, str(version), pipeline, outputs, time.time())
+
+
+def _check_pinned(model_name: str, version: str, files: dict[str, Path]) -> None:
+    """Compare the downloaded files with the SHA-256 the registry pinned at registration.
+
+    Raises:
+        RegistryError: A file differs (the artifact store was changed after registration).
+    """
+    import hashlib
+
+    import mlflow
+
+    from tasks.registry import TAG_SHA256_PREFIX, RegistryError
+
+    tags = mlflow.MlflowClient().get_model_version(model_name, version).tags
+    for key, path in files.items():
+        pinned = tags.get(f"{TAG_SHA256_PREFIX}{key}")
+        if pinned is None:
+            log.warning("models:/%s/%s pins no SHA-256 for %s (registered by an older cubeline)",
+                        model_name, version, key)
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != pinned:
+            raise RegistryError(
+                f"models:/{model_name}/{version}: {path.name} in the artifact store differs from "
+                f"the file registered (sha256 {actual[:12]}... != {pinned[:12]}...); it was "
+                "changed after registration. Fix: restore the artifact store from a backup, or "
+                "roll the alias back (`cubeline rollback`) / promote another version"
+            )
 
 
 def load_alias(model_name: str, alias: str = "champion") -> LoadedModel:

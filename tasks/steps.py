@@ -10,12 +10,12 @@ tensors: the cached steps' results are persisted (cloudpickle) and must stay sma
 steps persist nothing. Every task reads ``params.yaml`` itself through :class:`RunContext`, so
 its inputs are explicit.
 
-**Cache.** ``load_cubes`` and ``fit_statistics`` carry a ``cache_key_fn``: DVC content hash of
-the data + hash of the ``params.yaml`` sections the step reads + the step's code (its ``version``
-and a digest of its source) + the repository root. A re-run with unchanged data and params
-therefore skips both without hashing a tensor (Prefect's INPUTS policy would hash tensors, which
-never hit across processes). Results go to the flow's ``result_storage``: the flows set
-``<repo>/.prefect/results`` (ignored by git; see :mod:`flows`).
+**Cache.** ``fit_statistics`` reuses an earlier fit under a cache key: DVC content hash of the
+data + hash of the ``params.yaml`` sections the step reads + the step's code (its ``version`` and
+a digest of its source) + the repository root. A re-run with unchanged data and params therefore
+skips Phase 1 without hashing a tensor. The entry is a small JSON file under
+``<repo>/.prefect/results/steps/`` (ignored by git), validated field by field when read, never
+unpickled; the state it names is restored and checked against its DVC hash before use.
 
 **MLflow.** A flow run is one MLflow run, opened by :func:`tracked_run` (params flattened, tags)
 and closed FINISHED or FAILED; tasks log into it by its id.
@@ -27,17 +27,19 @@ import hashlib
 import inspect
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefect import task
 
-from nodes.errors import ConfigError
+from nodes.errors import ConfigError, CubelineError
 from tasks.env import repo_root
 from tasks.params import Params, load_params, resolve_path
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from nodes.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Bump a step's version when its behaviour changes in a way its source digest cannot see
 #: (e.g. a change in the nodes it calls): cached results of the old version are then ignored.
@@ -173,6 +176,7 @@ class InitStateRef:
         passes: Passes over the data.
         seconds: Wall time of the fit.
         val_metrics: Validation metrics of the Phase-1-only pipeline.
+        cached: Reused from an earlier fit of the same data and params (not fitted now).
     """
 
     state_hash: str
@@ -181,6 +185,7 @@ class InitStateRef:
     passes: int
     seconds: float
     val_metrics: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,7 @@ def build_pipeline(params: Params, input_channels: int) -> Pipeline:
         normal_class_ids=pp.normal_class_ids,
         threshold=pp.threshold,
         name=pp.name,
+        selector_mode=pp.selector_mode,
     )
 
 
@@ -617,6 +623,7 @@ def tracked_run(
     )
     flow_run_id, flow_run_name = _prefect_flow_run()
     trigger, reason = describe_trigger(params, note, event_id=event_id, data_version=data_version)
+    reconcile_dead_runs()
     run = mlflow.start_run(
         run_name=f"{flow_name}-{flow_run_name or uuid.uuid4().hex[:8]}",
         tags={
@@ -624,6 +631,8 @@ def tracked_run(
             "cubeline.reason": reason[:5000],
             "cubeline.trigger": trigger,
             "cubeline.event_id": event_id or "",
+            "cubeline.host": socket.gethostname(),
+            "cubeline.pid": str(os.getpid()),
             "prefect.flow_run_id": flow_run_id or "",
             TAG_PARAMS_HASH: params.section_hash(),
             TAG_GIT_COMMIT: git_commit(root),
@@ -642,6 +651,59 @@ def tracked_run(
         mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def reconcile_dead_runs() -> list[str]:
+    """Mark KILLED the runs of the active experiment left RUNNING by a process that is gone.
+
+    A run records the host and pid of the process that opened it; one still RUNNING whose
+    process no longer exists on this host was ended by a kill (SIGKILL, power loss) before it
+    could close itself. Runs of other hosts are left alone (their processes cannot be checked).
+
+    Returns:
+        The ids of the runs marked KILLED.
+    """
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    client = _client()
+    experiment_id = _get_experiment_id()
+    if not experiment_id:
+        return []
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`cubeline.host` = '{host}'",
+    )
+    killed = []
+    for run in runs:
+        try:
+            pid = int(run.data.tags.get("cubeline.pid", ""))
+        except ValueError:
+            continue
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            "cubeline.outcome",
+            f"killed: process {pid} on {host} ended without closing the run (marked KILLED by "
+            f"process {os.getpid()})",
+        )
+        client.set_terminated(run.info.run_id, "KILLED")
+        killed.append(run.info.run_id)
+    if killed:
+        log.warning("marked KILLED %d run(s) left RUNNING by dead processes: %s", len(killed),
+                    killed)
+    return killed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _prefect_flow_run() -> tuple[str | None, str | None]:
@@ -669,12 +731,7 @@ def _ensure_active_run(ctx: RunContext) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@task(
-    name="load_cubes",
-    version=STEP_VERSIONS["load_cubes"],
-    cache_key_fn=_step_key(("data",)),
-    persist_result=True,
-)
+@task(name="load_cubes", version=STEP_VERSIONS["load_cubes"], persist_result=False)
 def load_cubes(ctx: RunContext, data_version: str | None = None) -> DataRef:
     """Read and validate the frames (pandera) and return a reference to them.
 
@@ -873,26 +930,38 @@ def combine_data(ctx: RunContext, data: DataRef, champion_run_id: str | None) ->
     return load_cubes.fn(ctx, combined.version)
 
 
-@task(
-    name="fit_statistics",
-    version=STEP_VERSIONS["fit_statistics"],
-    cache_key_fn=_step_key(("data", "pipeline", "phase1")),
-    persist_result=True,
-)
-def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
+@task(name="fit_statistics", version=STEP_VERSIONS["fit_statistics"], persist_result=False)
+def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> InitStateRef:
     """Phase 1: fit the statistical nodes, save the initialization state, version it with DVC.
 
+    With ``use_cache``, an earlier fit of the same data, params sections and step code (the
+    step's cache key) is reused when its state is still restorable and matches its hash.
+
     Returns:
-        The state's DVC hash and the fit's figures.
+        The state's DVC hash and the fit's figures (``cached`` when reused).
 
     Raises:
         ConfigError: ``phase1.sharding`` asks for a runner that cannot start here.
     """
+    from types import SimpleNamespace
+
     from nodes.init_state import save_init_state
     from nodes.statistical_trainer import StatisticalTrainer
     from tasks.sharding import shard_runner_scope
     from tasks.versioning import STATE_FILE, version_init_state
 
+    key = _step_key(("data", "pipeline", "phase1"))(
+        SimpleNamespace(task=fit_statistics),  # type: ignore[arg-type]
+        {"ctx": ctx, "data": data},
+    )
+    if use_cache:
+        hit = _cache_get(ctx, key, InitStateRef)
+        if hit is not None:
+            try:
+                _restore_state(ctx, hit.state_hash)  # present, and verified against its hash
+                return InitStateRef(**{**hit.__dict__, "cached": True})
+            except CubelineError as exc:
+                log.warning("cached Phase-1 state %s unusable (%s): fitting again", hit, exc)
     p = ctx.params
     dm = _dm(ctx, data)
     pipeline = build_pipeline(p, data.channels)
@@ -931,7 +1000,7 @@ def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
-    return InitStateRef(
+    ref = InitStateRef(
         state_hash=state_hash,
         source_data_hash=data.data_hash,
         pixel_count=info.pixel_count,
@@ -939,6 +1008,45 @@ def fit_statistics(ctx: RunContext, data: DataRef) -> InitStateRef:
         seconds=report.seconds,
         val_metrics={k: float(v) for k, v in val.items()},
     )
+    _cache_put(ctx, key, ref)
+    return ref
+
+
+def _cache_file(ctx: RunContext, key: str) -> Path:
+    from flows import results_dir
+
+    return results_dir(Path(ctx.root)) / "steps" / f"{key}.json"
+
+
+def _cache_get(ctx: RunContext, key: str, cls: type[_T]) -> _T | None:
+    """A cached step result: plain JSON checked field by field (pydantic), never code.
+
+    Prefect's own result persistence would unpickle whatever a result file holds; a step result
+    here is a small typed value, so JSON is enough, and a file that does not validate is a miss.
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    path = _cache_file(ctx, key)
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        return TypeAdapter(cls).validate_json(raw, strict=False)
+    except ValidationError as exc:
+        log.warning("ignoring step cache entry %s: not a valid %s (%s)", path, cls.__name__,
+                    exc.error_count())
+        return None
+
+
+def _cache_put(ctx: RunContext, key: str, value: Any) -> None:
+    """Write a step result as JSON, atomically (temporary file + rename)."""
+    from tasks.env import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(_cache_file(ctx, key), json.dumps(asdict(value)).encode())
+    except OSError as exc:  # a read-only cache costs a refit next time, nothing else
+        log.warning("step cache not written (%s)", exc)
 
 
 def _stream_moments(dm: CubeDataModule, normal_only: bool) -> Any:
@@ -1165,6 +1273,13 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     threshold = float(cal.threshold) if cal is not None else None
     epochs = int(trainer.trainer.current_epoch) if trainer.trainer is not None else 0
     _log_metrics(ctx, {"seconds": seconds, "epochs": epochs}, prefix="phase2/")
+    report = trainer.report
+    if report is not None:
+        # Whether Phase 2 handed back its best epoch or fell back to the Phase-1 state.
+        _log_metrics(ctx, {"kept_phase1": float(report.kept_phase1),
+                           "phase1_val_score": report.phase1_score}, prefix="phase2/")
+        _set_tags(ctx, {"cubeline.phase2_outcome": report.outcome,
+                        "cubeline.phase2_summary": report.summary()})
     if threshold is not None:
         _log_metrics(ctx, {"threshold_logit": threshold})
     return TrainResult(
@@ -1258,8 +1373,13 @@ def register_model(
     import numpy as np
 
     from nodes.pipeline import Pipeline
-    from tasks.pyfunc_model import load_champion, log_pipeline_model
-    from tasks.registry import TAG_FINGERPRINT, register_and_promote, version_metrics
+    from tasks.pyfunc_model import SHA256_METADATA, load_champion, log_pipeline_model
+    from tasks.registry import (
+        TAG_FINGERPRINT,
+        TAG_SHA256_PREFIX,
+        register_and_promote,
+        version_metrics,
+    )
 
     p = ctx.params
     _ensure_active_run(ctx)
@@ -1295,7 +1415,14 @@ def register_model(
         p.registry.model_name,
         reason_context=ctx.reason,
         reevaluate_champion=reevaluate,
-        tags={TAG_FINGERPRINT: fingerprint(ctx, data, trained.state_hash)},
+        tags={
+            TAG_FINGERPRINT: fingerprint(ctx, data, trained.state_hash),
+            # The registry pins the files it serves: tasks.serving checks them at every load.
+            **{
+                f"{TAG_SHA256_PREFIX}{k}": v
+                for k, v in ((info.metadata or {}).get(SHA256_METADATA) or {}).items()
+            },
+        },
         description=(
             f"{ctx.reason}; data {data.data_hash[:12]} ({len(data.train_ids)} training frames), "
             f"Phase 1 {phase1}, test {p.registry.gate.metric} "
@@ -1424,9 +1551,12 @@ def predict_cubes(
         DataValidationError: A frame fails validation (nothing is written for any frame).
         RegistryError: The model has no such alias.
     """
+    import io
+
     import numpy as np
 
     from nodes.data.readers import read_frames
+    from tasks.env import atomic_write_bytes
     from tasks.pyfunc_model import score_cubes
     from tasks.serving import load_alias
     from tasks.tracking import configure_mlflow, write_anomaly_maps
@@ -1452,9 +1582,11 @@ def predict_cubes(
         scores = np.asarray(pred["scores"], dtype=np.float32)
         decisions = np.asarray(pred["decisions"])
         for key, arr in (("scores", scores), ("decisions", decisions)):
-            path = out_dir / f"{name}.{key}.npy"
-            np.save(path, arr[0])
-            written.append(path)
+            buf = io.BytesIO()
+            np.save(buf, arr[0], allow_pickle=False)
+            # Through a temporary file and a rename: a link planted at the path is replaced,
+            # not followed.
+            written.append(atomic_write_bytes(out_dir / f"{name}.{key}.npy", buf.getvalue()))
         targets = fr.mask[None] if fr.labelled else None
         maps = write_anomaly_maps(
             scores,

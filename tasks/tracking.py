@@ -694,9 +694,14 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    import io
+
+    from tasks.env import atomic_write_bytes
+
     # A fixed layout (set per figure) instead of bbox_inches="tight", which draws twice.
-    fig.savefig(path, dpi=100)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _thin_curve(x: np.ndarray, y: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray,

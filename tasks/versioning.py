@@ -325,6 +325,15 @@ def restore_tree(
         staging = target.parent / f".restore-{uuid.uuid4().hex}"
         try:
             checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
+            # Trust nothing on disk: a cache object replaced by other (valid-looking) content
+            # must not pass for the hash the run records.
+            actual = _workspace_hash(repo, staging, inside=False)
+            if actual != tree_hash:
+                raise ConfigError(
+                    f"{what} {tree_hash}: the DVC cache ({cache.path}) holds other content under "
+                    f"that hash (it hashes to {actual}); remove the cache objects of this hash "
+                    "(`dvc gc` or delete .dvc/cache) and run again to pull it from the remote"
+                )
             if target.exists():
                 shutil.rmtree(target)
             _move_into_place(staging, target)

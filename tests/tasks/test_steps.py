@@ -121,7 +121,10 @@ def test_fit_then_unfreeze_from_the_versioned_state(
     assert init.pixel_count == 30000 - (144 + 87 + 170)  # normal-only training pixels
     assert 0.0 < init.val_metrics["metrics_anomaly/auroc"] <= 1.0
     # Content-addressed: fitting the same data with the same params again gives the same hash.
-    assert fit_statistics.fn(_ctx(repo), data).state_hash == init.state_hash
+    again = fit_statistics.fn(_ctx(repo), data, use_cache=False)
+    assert again.state_hash == init.state_hash and not again.cached
+    # The step cache: same data, params and code -> the earlier fit, reported as cached.
+    assert fit_statistics.fn(_ctx(repo), data).cached
     ref = unfreeze.fn(_ctx(repo, run_dir=str(tmp_path)), data, init.state_hash, reused=False)
     assert set(ref.unfrozen) == {"selector", "rx", "logit_head"}
     assert ref.trainable_parameters > 0
