@@ -117,10 +117,5 @@ def serve(params_path: Path) -> None:
     """Register the deployments and run their flows in this process until interrupted."""
     from prefect import serve as prefect_serve
 
-    from flows import results_dir
-
     check_server()
-    # Served runs execute in subprocesses that load the flows from their files, without
-    # for_repo's options: the step cache reaches them through the environment instead.
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results_dir(params_path.parent))
     prefect_serve(*build_deployments(params_path))
