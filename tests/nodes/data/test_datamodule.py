@@ -377,3 +377,23 @@ def test_single_session_datamodule_reads_a_multi_frame_npz(
     (test,) = list(dm.test_dataloader())
     assert test["frame_id"].tolist() == [4] and int(test["mask"].sum()) == 232  # urban-5
     np.testing.assert_array_equal(test["cube"][0].numpy(), frames[4].cube)
+
+
+def test_multi_frame_npz_without_masks_takes_coco_labels(
+    tmp_path: Path, write_json: Callable[..., Path]
+) -> None:
+    rng = np.random.default_rng(3)
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, cube=rng.normal(size=(3, 6, 7, 4)).astype(np.float32))
+    ann = write_json({
+        "categories": [{"id": 2, "name": "defect"}],
+        "annotations": [{"id": 1, "image_id": 2, "category_id": 2,
+                         "segmentation": [[0, 0, 3, 0, 3, 2, 0, 2]]}],
+    })
+    dm = SingleCu3sDataModule(path, ann, train_ids=[0, 1], val_ids=[2], test_ids=[2],
+                              batch_size=1)
+    dm.setup()
+    (val,) = list(dm.val_dataloader())
+    assert int(val["mask"].sum()) == 6 and int(val["class_mask"].max()) == 2
+    (first, second) = list(dm.train_dataloader())
+    assert not first["mask"].any() and not second["mask"].any()
