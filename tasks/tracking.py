@@ -226,14 +226,16 @@ def configure_mlflow(
 ) -> str:
     """Point this process's MLflow at the tracking store and make the experiment active.
 
+    ``tracking_uri`` (``params.yaml`` ``mlflow.tracking_uri``) wins; unset, ``$MLFLOW_TRACKING_URI``
+    (what ``cubeline stack up`` exports for a team: every clone's params stay as committed).
     Defaults to a SQLite store ``<repo_root>/mlflow.db`` and artifacts under
     ``<repo_root>/mlartifacts``, both absolute so that a flow started from another working
     directory writes to the same place. An ``http(s)://`` URI is probed first and must answer
     within ~3 s; its experiments keep the server's artifact store.
 
     Args:
-        tracking_uri: MLflow tracking URI, or None for the local SQLite default. A relative
-            ``sqlite:///x.db`` is taken relative to ``repo_root``.
+        tracking_uri: MLflow tracking URI, or None for ``$MLFLOW_TRACKING_URI`` else the local
+            SQLite default. A relative ``sqlite:///x.db`` is taken relative to ``repo_root``.
         repo_root: Repository root (where ``mlflow.db`` and ``mlartifacts/`` live).
         registry_uri: Model-registry URI; None uses the tracking URI.
         experiment_name: Experiment to create (with the absolute artifact location) or reuse.
@@ -246,7 +248,11 @@ def configure_mlflow(
     """
     _force_telemetry_off()
     repo_root = Path(repo_root).resolve()
-    uri = tracking_uri or f"sqlite:///{repo_root / 'mlflow.db'}"
+    uri = (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{repo_root / 'mlflow.db'}"
+    )
     db_path = _sqlite_path(uri)
     if db_path is not None and not db_path.is_absolute():
         db_path = (repo_root / db_path).resolve()
