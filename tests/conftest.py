@@ -29,6 +29,26 @@ if str(REPO) not in sys.path:
 
 from nodes.data import CubeDataModule  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uris() -> Iterator[None]:
+    """Keep one test's MLflow store from becoming the next test's default.
+
+    ``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, which cubeline honours when
+    params.yaml leaves the URI unset (and subprocesses inherit).
+    """
+    import os
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 #: Where the ABU scenes may live: the repo's DVC-tracked copy first, then the shared originals.
 SCENE_DIRS: tuple[Path, ...] = (
     REPO / "data" / "session",

@@ -30,8 +30,14 @@ _T = TypeVar("_T")
 
 
 def cubeline_env(api_url: str, home: Path) -> dict[str, str]:
-    """Environment of a cubeline process against the server at ``api_url``."""
-    return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home)}
+    """Environment of a cubeline process against the server at ``api_url``.
+
+    MLflow URIs of this process (``mlflow.set_tracking_uri`` exports one) are left out: the
+    cubeline process uses its repository's own store, as on an operator's machine.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    return {**env, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home)}
 
 
 def cubeline(root: Path, env: dict[str, str], *args: str, timeout: float = 400) -> str:

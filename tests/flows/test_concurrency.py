@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.flows.loop import cubeline_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -20,7 +21,7 @@ def test_two_concurrent_retrains_leave_one_champion(
 
     from tasks.registry import champion_history
 
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "h")}
+    env = cubeline_env(prefect_server, tmp_path / "h")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", "--json", "--reason", f"concurrent {i}"],

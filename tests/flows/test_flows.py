@@ -221,3 +221,38 @@ def test_invalid_frames_stop_at_load_cubes(repo_copy: Path) -> None:
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_predict_replaces_planted_links_and_refuses_changed_models(
+    trained: tuple[Path, object, str], tmp_path: Path
+) -> None:
+    """Outputs never write through a link; a model changed in the artifact store never loads."""
+    from tasks.registry import RegistryError
+    from tasks.steps import predict_cubes
+
+    root, _, _ = trained
+    frame = root / "data" / "session" / "abu-urban-5.mat"
+    out = tmp_path / "pred"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "abu-urban-5_0.scores.npy").symlink_to(victim)
+    (out / "anomaly_map_abu-urban-5_0.png").symlink_to(victim)
+    predict_cubes(root / "params.yaml", [frame], out)
+    assert victim.read_text() == "keep me"
+    assert not (out / "abu-urban-5_0.scores.npy").is_symlink()
+    assert np.load(out / "abu-urban-5_0.scores.npy").shape == (100, 100)
+
+    # Change the champion's weights file in the artifact store after registration.
+    client = _mlflow(root)
+    mv = client.get_model_version_by_alias("cubeline-channel-selector", "champion")
+    assert mv.model_id is not None
+    location = client.get_logged_model(mv.model_id).artifact_location
+    stored = next(Path(location.removeprefix("file://")).rglob("*.pt"))
+    original = stored.read_bytes()
+    stored.write_bytes(original + b"appended")
+    try:
+        with pytest.raises(RegistryError, match="differs from the file registered"):
+            predict_cubes(root / "params.yaml", [frame], tmp_path / "x")
+    finally:
+        stored.write_bytes(original)

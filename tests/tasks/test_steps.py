@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -182,3 +184,80 @@ def test_unreachable_tracking_server_fails_fast(repo: Path) -> None:
         assert time.perf_counter() - start < 10
     finally:
         edit_params(repo, mlflow={"tracking_uri": None})
+
+
+def test_step_cache_is_json_checked_not_code(repo: Path, data: DataRef) -> None:
+    """A tampered cache entry is a miss (refit), never executed; a valid one is reused."""
+    import pickle
+
+    from tasks.steps import _cache_file
+
+    ctx = _ctx(repo)
+    first = fit_statistics.fn(ctx, data)
+    entries = list(_cache_file(ctx, "x").parent.glob("*.json"))
+    assert entries and all(json.loads(p.read_text())["state_hash"] for p in entries)
+    marker = repo / "pwned"
+    payload = pickle.dumps(eval)  # stands for any pickle: never unpickled
+    for p in entries:
+        p.write_bytes(payload + f"open({str(marker)!r}, 'w')".encode())
+    refit = fit_statistics.fn(ctx, data)
+    assert not refit.cached and refit.state_hash == first.state_hash and not marker.exists()
+    assert fit_statistics.fn(ctx, data).cached  # rewritten as valid JSON by the refit
+
+
+def test_replaced_dvc_cache_object_is_refused(repo: Path, data: DataRef, tmp_path: Path) -> None:
+    """Content under a hash that is not that hash's content never passes for it."""
+    import shutil
+
+    from nodes.errors import ConfigError
+    from tasks.versioning import STATE_FILE, restore_init_state
+
+    ctx = _ctx(repo)
+    init = fit_statistics.fn(ctx, data)
+    states = repo / "outputs" / "states"
+    checked = restore_init_state(init.state_hash, root=repo, remote="local", states_dir=states)
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    target_md5 = hashlib.md5(checked.read_bytes()).hexdigest()
+    obj = cache / target_md5[:2] / target_md5[2:]
+    assert obj.is_file()
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes()[:-1] + b"\0")  # another, equally loadable-looking file
+    shutil.rmtree(states)
+    with pytest.raises(ConfigError, match="holds other content under that hash"):
+        restore_init_state(init.state_hash, root=repo, remote="local", states_dir=states)
+    assert not (states / init.state_hash.removesuffix(".dir") / STATE_FILE).exists()
+    obj.unlink()  # the fix the error names: the object comes back from the remote
+    again = restore_init_state(init.state_hash, root=repo, remote="local", states_dir=states)
+    assert again.is_file() and hashlib.md5(again.read_bytes()).hexdigest() == (
+        target_md5
+    )
+
+
+def test_runs_left_running_by_dead_processes_are_marked_killed(repo: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tasks.steps import reconcile_dead_runs
+    from tasks.tracking import configure_mlflow
+
+    configure_mlflow(None, repo, experiment_name="cubeline")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("cubeline")
+    assert exp is not None
+    orphan = client.create_run(
+        exp.experiment_id, tags={"cubeline.host": socket.gethostname(), "cubeline.pid": str(pid)}
+    )
+    alive = client.create_run(
+        exp.experiment_id, tags={"cubeline.host": socket.gethostname(), "cubeline.pid": "1"}
+    )
+    assert reconcile_dead_runs() == [orphan.info.run_id]
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert "killed: process" in client.get_run(orphan.info.run_id).data.tags["cubeline.outcome"]
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    client.set_terminated(alive.info.run_id)
