@@ -185,7 +185,9 @@ def _start_temporary_server() -> threading.Thread:
 
 def _run_flow(args: argparse.Namespace, which: str) -> int:
     from flows import for_repo
+    from tasks.params import load_params
 
+    load_params(_params_path(args))  # a params.yaml mistake fails now, not after server start-up
     server = _start_temporary_server()
     _quiet_lightning(args.verbose)
     params = _params_path(args)
@@ -253,6 +255,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
+    from tasks.params import load_params
+
+    load_params(_params_path(args))
     server = _start_temporary_server()
     import nodes.data.datamodule  # noqa: F401  (torch, Lightning: imported while it boots)
     from flows import for_repo
@@ -458,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phase1", help="Phase 1 alone: per-frame AUC/AP and the time it took")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_phase1)
+
+    from flows.stack import add_parser as add_stack_parser
+
+    add_stack_parser(sub)  # cubeline stack up|down|status|join|deploy|migrate (team stack)
     return parser
 
 
@@ -483,13 +492,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = int(args.func(args))
     except CubelineError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"cubeline {args.command}: error: {exc}", file=sys.stderr)
-        rc = 2
+        rc = exit_code(exc)
     except KeyboardInterrupt:
         rc = 130
     if argv is None:
         _exit_fast(rc)
     return rc
+
+
+#: Exit codes by kind of failure (the README's "Failure behaviour" lists them).
+EXIT_CODES: tuple[tuple[str, int], ...] = (
+    ("DataValidationError", 3),
+    ("RegistryError", 4),
+    ("TrackingUnavailableError", 5),
+    ("LockTimeoutError", 6),
+    ("TrainingError", 7),
+    ("ConfigError", 2),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a cubeline error: 2 for configuration, 3 for data, 4 registry, ..."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return next((code for name, code in EXIT_CODES if name in names), 2)
 
 
 def _stop_on_sigterm() -> None:

@@ -815,3 +815,114 @@ def check_dir_arg(value: str | None, root: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--dir {path} is a file. Fix: name a folder for the stack.")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# ``cubeline stack ...``
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``stack up|down|status|join|deploy|migrate`` to the ``cubeline`` parser."""
+    p = sub.add_parser("stack", help="the team stack: shared PostgreSQL, MLflow, Prefect, DVC",
+                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.set_defaults(func=cmd_stack)
+    acts = p.add_subparsers(dest="action", required=True)
+
+    def with_dir(q: Any) -> Any:
+        q.add_argument("--dir", help=f"the stack's folder (default: ${DIR_ENV}, else "
+                       "<repo>/.stack)")
+        return q
+
+    q = with_dir(acts.add_parser("up", help="start the stack (or restart a stopped one)"))
+    q.add_argument("--pg-port", type=int, default=15432)
+    q.add_argument("--mlflow-port", type=int, default=5000)
+    q.add_argument("--prefect-port", type=int, default=4200)
+    q.add_argument("--pg-user", help="unprivileged user for PostgreSQL when run as root "
+                   "(default: postgres, else nobody)")
+    q.add_argument("--scheduler-loop-s", type=float, default=60.0,
+                   help="how often Prefect's scheduler creates scheduled runs")
+    q.add_argument("--json", action="store_true")
+    q = with_dir(acts.add_parser("down", help="stop every process of the stack"))
+    q.add_argument("--purge", action="store_true", help="also delete the folder and its data")
+    q = with_dir(acts.add_parser("status", help="which services are up (exit 1 if any is not)"))
+    q.add_argument("--json", action="store_true")
+    with_dir(acts.add_parser("join", help="point this clone's DVC remote at the stack's and "
+                             "push the bundled data there"))
+    q = with_dir(acts.add_parser("deploy", help="register retrain (cron + drift trigger) and "
+                                 "drift_watch on the work pool, running in this clone"))
+    q.add_argument("--cron", help="override schedule.retrain_cron")
+    q.add_argument("--pool", default=POOL)
+    q = with_dir(acts.add_parser("migrate", help="move a single-user mlflow.db + mlartifacts/ "
+                                 "onto the stack (runs, models, aliases, champion history)"))
+    q.add_argument("--from", dest="source", help="SQLite store (default: <repo>/mlflow.db)")
+    q.add_argument("--artifacts", help="its artifact folder (default: <repo>/mlartifacts)")
+    q.add_argument("--no-artifacts", action="store_true", help="the store has no artifacts")
+    q.add_argument("--json", action="store_true")
+
+
+def _use_stack_env(state: StackState) -> None:
+    """This process talks to the stack (its variables win over the caller's)."""
+    os.environ.update(stack_env(state))
+
+
+def cmd_stack(args: Any) -> int:
+    """``cubeline stack ACTION``."""
+    from tasks.env import repo_root
+
+    params = Path(args.params).resolve() if args.params else repo_root() / "params.yaml"
+    root = params if params.is_dir() else params.parent
+    stack_dir = check_dir_arg(args.dir, root)
+    if args.action == "up":
+        state = stack_up(stack_dir, pg_port=args.pg_port, mlflow_port=args.mlflow_port,
+                         prefect_port=args.prefect_port, pg_user=args.pg_user,
+                         scheduler_loop_s=args.scheduler_loop_s)
+        if args.json:
+            print(json.dumps(stack_status(stack_dir)))
+        else:
+            print(describe(state))
+        return 0
+    if args.action == "down":
+        stopped = stack_down(stack_dir, purge=args.purge)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}"
+              + (f"; removed {stack_dir}" if args.purge else f"; data kept in {stack_dir}"))
+        return 0
+    if args.action == "status":
+        status = stack_status(stack_dir)
+        if args.json:
+            print(json.dumps(status))
+        else:
+            print(f"team stack in {status['dir']}: {'up' if status['up'] else 'NOT all up'}")
+            for name, s in status["services"].items():
+                where = s.get("url") or s.get("address") or f"pid {s.get('pid')}"
+                print(f"  {name:<11} {'up  ' if s['up'] else 'DOWN'} {where}")
+            print(f"  env: set -a; . {status['env_file']}; set +a")
+        return 0 if status["up"] else 1
+    state = load_state(stack_dir)
+    _use_stack_env(state)
+    if args.action == "join":
+        out = join_clone(root, stack_dir)
+        print(f"DVC remote {out['remote']!r} of {root} -> {out['url']} (.dvc/config.local); "
+              f"{out['pushed']}")
+        return 0
+    if args.action == "deploy":
+        names = deploy_to_pool(root / "params.yaml", pool=args.pool, cron=args.cron)
+        print(f"deployed on work pool {args.pool!r} from {root}: {', '.join(names)}")
+        return 0
+    if args.action == "migrate":
+        from tasks.migrate import migrate_store
+
+        artifacts = None if args.no_artifacts else Path(args.artifacts or root / "mlartifacts")
+        out = migrate_store(Path(args.source or root / "mlflow.db"), artifacts,
+                            state.pg_url("mlflow", "postgresql+psycopg"), state.mlflow_url)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            s = out["summary"]
+            print(f"migrated in {out['seconds']:.1f} s to {state.mlflow_url}: {s['runs']} runs, "
+                  f"{sum(out['rows'].values())} rows, {out['files_uploaded']} artifact files")
+            for name, m in s["models"].items():
+                print(f"  {name}: versions {m['versions']}, aliases {m['aliases']}, "
+                      f"{len(m['history'])} history entries")
+        return 0
+    raise ConfigError(f"unknown stack action {args.action!r}")
