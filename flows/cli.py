@@ -81,6 +81,8 @@ def _fmt(value: Any) -> str:
 
 def _mlflow_ui(tracking_uri: str | None, root: Path) -> str:
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        return uri  # a tracking server is its own UI
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 

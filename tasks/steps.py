@@ -56,7 +56,7 @@ _T = TypeVar("_T")
 #: (e.g. a change in the nodes it calls): cached results of the old version are then ignored.
 STEP_VERSIONS: dict[str, str] = {
     "load_cubes": "2",
-    "fit_statistics": "1",
+    "fit_statistics": "2",
     "drift_check": "1",
     "unfreeze": "1",
     "gradient_train": "1",
@@ -978,6 +978,15 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
         )
         report = trainer.fit()
     val = trainer.validate()
+    quality: dict[str, float] = {}
+    if p.phase1.init_check != "off":
+        # The guide's "validate initialization quality", in its correct form for RX: held-out
+        # normal pixels score about C on average (nodes/quality.py). refuse stops the run here.
+        checks = trainer.check_initialization("val", strict=p.phase1.init_check == "refuse")
+        for q in checks.values():
+            quality.update(q.to_metrics())
+            for why in q.reasons:
+                log.warning("Phase-1 initialization of %s: %s", q.node, why)
     states = _states_dir(ctx)
     staging = states / f".staging-{uuid.uuid4().hex}"
     try:
@@ -991,6 +1000,7 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
                 "params_phase1": p.phase1.to_dict(),
                 "params_pipeline": p.pipeline.to_dict(),
                 "val_metrics": {k: float(v) for k, v in val.items()},
+                "init_quality": quality,
             },
         )
         state_hash = version_init_state(
@@ -1209,6 +1219,7 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
         # Phase 1 alone on the validation frames, from the state itself: there whether Phase 1
         # ran in this flow run, came from the cache or is the champion's.
         _log_metrics(ctx, info.extra.get("val_metrics", {}), prefix="phase1/val/")
+        _log_metrics(ctx, info.extra.get("init_quality", {}), prefix="phase1/")
         _log_artifact(ctx, state_path, "init_state")
         _log_artifact(ctx, state_path.with_suffix(".json"), "init_state")
     return PipelineRef(

@@ -88,6 +88,9 @@ def test_retrain_end_to_end(trained: tuple[Path, object, str]) -> None:
     )
     assert run.data.metrics["phase1/pixels"] > 0
     assert 0 < run.data.metrics["phase1/val/metrics_anomaly/auroc"] <= 1
+    # The RX initialization-quality check (params phase1.init_check: warn) is on record.
+    assert 0 < run.data.metrics["phase1/init_quality/rx/fit_ratio"] <= 1.0 + 1e-9
+    assert "phase1/init_quality/rx/ok" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"pipeline", "evaluation", "init_state"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
