@@ -24,3 +24,9 @@ fi
 
 # The bundled scenes come back from the DVC remote inside the repo (dvc-remote/): no network.
 .venv/bin/dvc pull -q
+
+# The same session as one multi-frame .npz (the SDK-free stand-in for a .cu3s file, for the
+# reference guide's SingleCu3sDataModule examples), built from those scenes; kept out of data/.
+if [ ! -f outputs/session.npz ]; then
+  .venv/bin/python scripts/build_session_npz.py --out outputs/session.npz > /dev/null
+fi
