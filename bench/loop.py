@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,8 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import scipy.io
 
-from tasks.env import disable_telemetry
+from tasks.env import cpu_model, disable_telemetry
 from tests.flows.helpers import (
     FAST_PARAMS,
     copy_repo,
@@ -56,16 +57,6 @@ from tests.flows.loop import (
 
 def _say(msg: str) -> None:
     print(f"[loop] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _latency(url: str, cubes: np.ndarray, n: int) -> list[float]:
@@ -123,8 +114,9 @@ def main() -> None:
     server = subprocess.Popen(prefect_server_command(sport), env=server_env,
                               stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    result: dict[str, Any] = {"machine": f"{_cpu()}, {len(__import__('os').sched_getaffinity(0))}"
-                              " CPUs", "epochs": args.epochs}
+    cpus = len(os.sched_getaffinity(0))
+    result: dict[str, Any] = {"machine": f"{cpu_model()}, {cpus} CPUs", "epochs": args.epochs,
+                              "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
         wait_healthy(api, timeout=180, proc=server)
         env = cubeline_env(api, tmp / "client-home")
@@ -172,14 +164,16 @@ def main() -> None:
                  "after the event")
 
             frame = np.asarray(
-                __import__("scipy.io", fromlist=["loadmat"]).loadmat(
-                    root / "data" / "session" / "abu-urban-5.mat")["data"], np.float32)[None]
+                scipy.io.loadmat(root / "data" / "session" / "abu-urban-5.mat")["data"],
+                np.float32,
+            )[None]
             _latency(url, frame, 3)  # warm-up
             lat = np.array(_latency(url, frame, args.requests))
             batch = np.repeat(frame, args.batch, axis=0)
             blat = np.array(_latency(url, batch, max(5, args.requests // args.batch)))
             result.update(
                 frame_shape=list(frame.shape[1:]),
+                load_avg_1m_at_end=round(os.getloadavg()[0], 2),
                 latency_ms_p50=round(1e3 * float(np.median(lat)), 2),
                 latency_ms_p95=round(1e3 * float(np.percentile(lat, 95)), 2),
                 throughput_frames_s_sequential=round(1.0 / float(np.mean(lat)), 1),

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prefect import task
 
 from nodes.errors import ConfigError, CubelineError
-from tasks.env import repo_root
+from tasks.env import process_alive, repo_root
 from tasks.params import Params, load_params, resolve_path
 
 if TYPE_CHECKING:
@@ -680,7 +680,7 @@ def reconcile_dead_runs() -> list[str]:
             pid = int(run.data.tags.get("cubeline.pid", ""))
         except ValueError:
             continue
-        if pid == os.getpid() or _process_alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         client.set_tag(
             run.info.run_id,
@@ -694,16 +694,6 @@ def reconcile_dead_runs() -> list[str]:
         log.warning("marked KILLED %d run(s) left RUNNING by dead processes: %s", len(killed),
                     killed)
     return killed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _prefect_flow_run() -> tuple[str | None, str | None]:
