@@ -179,6 +179,9 @@ def stack_env(state: StackState) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": state.mlflow_url,
         LOCK_ENV: state.lock_url,
         DIR_ENV: str(state.root),
+        # MLflow prints "View run ... at <url>" on stdout for every run on a server: cubeline's
+        # summary names the run already, and --json output must stay one object.
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
         **TELEMETRY_ENV,
     }
 
