@@ -5,11 +5,13 @@
    Prefect servers, a process work pool with two workers, a shared DVC remote;
 3. clones A and B join; B ingests the bundled scenes with a SIMULATED illumination change as a
    second data version; A registers the work-pool deployments with a cron due within ~2 min;
-4. ``cubeline run`` in A (``seconds_team``) and ``cubeline run --data-version`` in B at once,
-   while a worker runs the scheduled retrain;
+4. ``cubeline run`` in A (``seconds_team_concurrent``) and ``cubeline run --data-version`` in B
+   at once, while a worker runs the scheduled retrain;
 5. the MLflow server, the registry and the champion history are read back; a third fresh clone
    restores B's data version and the champion's Phase-1 state from the shared remote;
-6. ``cubeline stack down``; no process or port may be left.
+6. one ``cubeline run`` alone against the stack in a fresh clone (``seconds_team``, the same
+   work as ``seconds_embedded``: a fresh clone, Phase 1 fitted, Phase 2, registration);
+7. ``cubeline stack down``; no process or port may be left.
 
 The scenario is ``tests/flows/team.py`` (also run by ``tests/flows/test_stack.py``). Progress on
 stderr, one JSON object on the last line of stdout. Needs PostgreSQL 15 and ~5 minutes.
@@ -36,6 +38,7 @@ from tests.flows.team import embedded_run, scenario, stack_parent
 
 def main() -> int:
     disable_telemetry()
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="cubeline-bench-team-"))
     parent = stack_parent()
@@ -44,7 +47,7 @@ def main() -> int:
         seconds_embedded = embedded_run(work)
         print("team scenario (stack up, two clones + a worker, restore, down) ...",
               file=sys.stderr)
-        out = scenario(work, parent / "stack")
+        out = scenario(work, parent / "stack", lone_run=True)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -54,8 +57,9 @@ def main() -> int:
         "history_in_order": out["history_in_order"],
         "restored_in_fresh_clone": out["restored_in_fresh_clone"],
         "seconds_embedded": seconds_embedded,
-        "seconds_team": out["seconds_team"],
-        "seconds_team_both_runs": out["seconds_team_both"],
+        "seconds_team": out["seconds_team_alone"],
+        "seconds_team_concurrent": out["seconds_team"],
+        "seconds_team_concurrent_both": out["seconds_team_both"],
         "stack_startup_s": out["stack_startup_s"],
         "stack_down_s": out["stack_down_s"],
         "scheduled_run_state": out["scheduled_run_state"],

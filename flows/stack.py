@@ -739,6 +739,38 @@ def join_clone(root: Path, stack_dir: Path) -> dict[str, Any]:
             "pushed": pushed[-1] if pushed else ""}
 
 
+def copy_dvc_objects(root: Path, state: StackState) -> tuple[Path | None, int]:
+    """Copy the objects of the clone's own (committed) DVC remote into the stack's remote.
+
+    A single-user store's runs name data versions and Phase-1 states by DVC hash; after a
+    migration they must be restorable from the shared remote. Only a folder remote is copied
+    (an S3 remote is shared already); objects present on both sides are left alone.
+
+    Returns:
+        The source folder (None: not a local folder) and the number of files copied.
+    """
+    from tasks.params import load_params
+
+    remote = load_params(root / "params.yaml").dvc.remote or _dvc(root, "remote", "default")
+    url = _dvc(root, "config", "--project", f"remote.{remote.strip()}.url").strip()
+    if "://" in url and not url.startswith("file://"):
+        return None, 0
+    src = Path(url.removeprefix("file://"))
+    if not src.is_absolute():
+        src = (root / ".dvc" / src).resolve()
+    if not src.is_dir() or src.resolve() == state.dvc_remote.resolve():
+        return None, 0
+    copied = 0
+    for path in src.rglob("*"):
+        if path.is_file():
+            dst = state.dvc_remote / path.relative_to(src)
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dst)
+                copied += 1
+    return src, copied
+
+
 def deploy_to_pool(
     params_path: Path, pool: str = POOL, cron: str | None = None
 ) -> list[str]:
@@ -864,6 +896,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--from", dest="source", help="SQLite store (default: <repo>/mlflow.db)")
     q.add_argument("--artifacts", help="its artifact folder (default: <repo>/mlartifacts)")
     q.add_argument("--no-artifacts", action="store_true", help="the store has no artifacts")
+    # The objects of the clone's committed DVC remote (a folder) are copied to the stack's too.
     q.add_argument("--json", action="store_true")
 
 
@@ -921,12 +954,16 @@ def cmd_stack(args: Any) -> int:
         artifacts = None if args.no_artifacts else Path(args.artifacts or root / "mlartifacts")
         out = migrate_store(Path(args.source or root / "mlflow.db"), artifacts,
                             state.pg_url("mlflow", "postgresql+psycopg"), state.mlflow_url)
+        # The runs name data versions and Phase-1 states by hash: their objects move too.
+        dvc_src, out["dvc_objects_copied"] = copy_dvc_objects(root, state)
+        out["dvc_remote_from"] = str(dvc_src) if dvc_src else None
         if args.json:
             print(json.dumps(out))
         else:
             s = out["summary"]
             print(f"migrated in {out['seconds']:.1f} s to {state.mlflow_url}: {s['runs']} runs, "
-                  f"{sum(out['rows'].values())} rows, {out['files_uploaded']} artifact files")
+                  f"{sum(out['rows'].values())} rows, {out['files_uploaded']} artifact files, "
+                  f"{out['dvc_objects_copied']} DVC objects from {out['dvc_remote_from']}")
             for name, m in s["models"].items():
                 print(f"  {name}: versions {m['versions']}, aliases {m['aliases']}, "
                       f"{len(m['history'])} history entries")

@@ -90,8 +90,14 @@ def _scheduled_run(api: str, deployment: str, timeout: float) -> Any:
         return wait_for("the scheduled retrain on a worker", finished, timeout, every=3.0)
 
 
-def scenario(work: Path, stack_dir: Path, *, timeout: float = 600) -> dict[str, Any]:
+def scenario(
+    work: Path, stack_dir: Path, *, timeout: float = 600, lone_run: bool = False
+) -> dict[str, Any]:
     """Run the whole team scenario; the stack is down again when this returns or raises.
+
+    ``lone_run`` adds, after the checks, one ``cubeline run`` alone against the stack in a fresh
+    clone (phase2.seed changed, so that it trains rather than finding its model registered):
+    ``seconds_team_alone``, the like-for-like figure of ``embedded_run``.
 
     Returns:
         Figures and facts: ``runs_recorded``, ``champions``, ``history_in_order``,
@@ -183,6 +189,14 @@ def scenario(work: Path, stack_dir: Path, *, timeout: float = 600) -> dict[str, 
                      what="initialization state")
         out["restored_in_fresh_clone"] = bool(
             info.path.is_dir() and any((c / "outputs" / "restored-state").iterdir()))
+        if lone_run:
+            e = clone(work / "e")
+            edit_params(e, phase2={"seed": 43})
+            env_e = {**base, "PREFECT_HOME": str(work / "home-e")}
+            cli(e, env_e, "stack", "join")
+            t2 = time.monotonic()
+            cli(e, env_e, "run", "--json")
+            out["seconds_team_alone"] = round(time.monotonic() - t2, 2)
     finally:
         state = load_state(stack_dir)
         td = time.monotonic()

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,7 @@ def test_migrate_then_flows_unchanged(stack_dir: Path, tmp_path: Path) -> None:
     assert models[MODEL]["aliases"]["champion"] == history[-1]["version"]
     assert out["champions_downloaded"] == [f"{MODEL}@champion"]
     assert out["files_uploaded"] > 0
+    assert out["dvc_objects_copied"] > 0  # Phase-1 states and data, into the shared remote
     # The same commands, now on the server: the history reads the same.
     assert cli(root, team, "history") == before
     # The migrated artifacts moved: every run's location is served by the server.
@@ -181,3 +183,49 @@ def test_migrate_then_flows_unchanged(stack_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "stack", "migrate"], cwd=root,
                           env=team, capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr, proc.stderr
+
+
+def test_drift_trigger_runs_on_a_worker(stack_dir: Path, tmp_path: Path) -> None:
+    """A clone that joins after the migration: the migrated champion's Phase-1 state comes from
+    the shared remote (copied there by `stack migrate`), `cubeline drift` on dimmed frames emits
+    the event, and the deployment's trigger runs the retrain on a worker, on that data version."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.flows.loop import wait_for, write_frames
+
+    state = load_state(stack_dir)
+    if not any(state.dvc_remote.rglob("*")):
+        pytest.skip("needs the migrated champion of test_migrate_then_flows_unchanged")
+    root = clone(tmp_path / "d")
+    env = {**os.environ, **stack_env(state), "PREFECT_HOME": str(tmp_path / "home-d")}
+    cli(root, env, "stack", "join")
+    assert "retrain/retrain-scheduled" in cli(root, env, "stack", "deploy")
+    dim = write_frames(root, tmp_path / "dim", simulate_illumination=True)
+    out = cli(root, env, "drift", *map(str, dim))
+    assert "DRIFT" in out and "cubeline.drift.detected" in out, out
+    data_version = out.split("ingested as data version ")[1].split()[0]
+
+    with temporary_settings({PREFECT_API_URL: state.prefect_api}), \
+            get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/retrain-scheduled")
+
+        def done() -> Any:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            ended = [r for r in runs if r.parameters.get("event_id") and r.state
+                     and r.state.is_final()]
+            return ended[0] if ended else None
+
+        run = wait_for("the drift-triggered retrain on a worker", done, timeout=500,
+                               every=3)
+    assert run.state.is_completed(), run
+    mlflow.set_tracking_uri(state.mlflow_url)
+    runs = mlflow.search_runs(experiment_names=["cubeline"], output_format="list",
+                              filter_string="tags.`cubeline.trigger` = 'drift event'")
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["cubeline.reason"].startswith("drift event ")
+    assert tags["cubeline.data_hash"] == data_version
