@@ -480,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             process through :func:`_exit_fast` once the command is done.
     """
     disable_telemetry()
+    # The store the user exported, captured before any MLflow call rewrites the variable (only
+    # on the real command line: in a Python process the variable may be MLflow's own).
+    if argv is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ.setdefault("CUBELINE_MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
     if argv is None:
         # The real command line owns this process: keep frame-sized buffers on the heap instead
         # of mapping and faulting them in again for every batch (tasks.env.tune_allocator; the

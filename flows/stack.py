@@ -176,7 +176,8 @@ def stack_env(state: StackState) -> dict[str, str]:
     """What a cubeline process (user shell, worker) needs to use the stack."""
     return {
         "PREFECT_API_URL": state.prefect_api,
-        "MLFLOW_TRACKING_URI": state.mlflow_url,
+        "MLFLOW_TRACKING_URI": state.mlflow_url,  # for mlflow's own tools
+        "CUBELINE_MLFLOW_TRACKING_URI": state.mlflow_url,  # what cubeline reads (tasks.tracking)
         LOCK_ENV: state.lock_url,
         DIR_ENV: str(state.root),
         # MLflow prints "View run ... at <url>" on stdout for every run on a server: cubeline's

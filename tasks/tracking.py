@@ -80,6 +80,9 @@ _log = logging.getLogger(__name__)
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_PARAM_KEY_LENGTH = 250
 
+#: The team's tracking store when params.yaml leaves ``mlflow.tracking_uri`` null.
+TRACKING_URI_ENV = "CUBELINE_MLFLOW_TRACKING_URI"
+
 TAG_DATA_HASH = "cubeline.data_hash"
 TAG_INIT_STATE_HASH = "cubeline.init_state_hash"
 TAG_PARAMS_HASH = "cubeline.params_hash"
@@ -226,16 +229,20 @@ def configure_mlflow(
 ) -> str:
     """Point this process's MLflow at the tracking store and make the experiment active.
 
-    ``tracking_uri`` (``params.yaml`` ``mlflow.tracking_uri``) wins; unset, ``$MLFLOW_TRACKING_URI``
-    (what ``cubeline stack up`` exports for a team: every clone's params stay as committed).
+    ``tracking_uri`` (``params.yaml`` ``mlflow.tracking_uri``) wins; unset,
+    ``$CUBELINE_MLFLOW_TRACKING_URI`` (what ``cubeline stack up`` exports for a team, and what the
+    ``cubeline`` command sets from the ``$MLFLOW_TRACKING_URI`` it was started with: every clone's
+    params stay as committed). ``$MLFLOW_TRACKING_URI`` itself is not read here: MLflow rewrites
+    it on every ``set_tracking_uri``, so inside one process it names the last store opened, not
+    the user's choice.
     Defaults to a SQLite store ``<repo_root>/mlflow.db`` and artifacts under
     ``<repo_root>/mlartifacts``, both absolute so that a flow started from another working
     directory writes to the same place. An ``http(s)://`` URI is probed first and must answer
     within ~3 s; its experiments keep the server's artifact store.
 
     Args:
-        tracking_uri: MLflow tracking URI, or None for ``$MLFLOW_TRACKING_URI`` else the local
-            SQLite default. A relative ``sqlite:///x.db`` is taken relative to ``repo_root``.
+        tracking_uri: MLflow tracking URI, or None for ``$CUBELINE_MLFLOW_TRACKING_URI`` else the
+            local SQLite default. A relative ``sqlite:///x.db`` is taken relative to ``repo_root``.
         repo_root: Repository root (where ``mlflow.db`` and ``mlartifacts/`` live).
         registry_uri: Model-registry URI; None uses the tracking URI.
         experiment_name: Experiment to create (with the absolute artifact location) or reuse.
@@ -250,7 +257,7 @@ def configure_mlflow(
     repo_root = Path(repo_root).resolve()
     uri = (
         tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
+        or os.environ.get(TRACKING_URI_ENV)
         or f"sqlite:///{repo_root / 'mlflow.db'}"
     )
     db_path = _sqlite_path(uri)

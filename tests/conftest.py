@@ -39,7 +39,7 @@ def _no_leaked_mlflow_uris() -> Iterator[None]:
     """
     import os
 
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CUBELINE_MLFLOW_TRACKING_URI")
     saved = {k: os.environ.get(k) for k in keys}
     yield
     for k, v in saved.items():
