@@ -190,6 +190,10 @@ def _run_flow(args: argparse.Namespace, which: str) -> int:
     from tasks.params import load_params
 
     load_params(_params_path(args))  # a params.yaml mistake fails now, not after server start-up
+    if args.data_version:
+        from tasks.versioning import check_tree_hash
+
+        check_tree_hash(args.data_version, "a data-version hash", "`cubeline ingest` output")
     server = _start_temporary_server()
     _quiet_lightning(args.verbose)
     params = _params_path(args)
