@@ -36,6 +36,16 @@ from tasks.env import disable_telemetry
 from tests.flows.team import embedded_run, scenario, stack_parent
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> int:
     disable_telemetry()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
@@ -66,7 +76,7 @@ def main() -> int:
         "reasons": out["reasons"],
         "processes_left": out["processes_left"],
         "total_s": round(time.monotonic() - t0, 1),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
