@@ -19,13 +19,16 @@ Crash and concurrency safety (why the code is ordered as it is):
   nests in the task's own: if the task fails after registering, the moves are undone too (the
   new version stays registered; its ``cubeline.decision`` tag says ``rolled_back``). A SIGKILL
   cannot run hooks; it leaves the old or the new champion, both valid states.
-- The whole read → decide → write sequence holds an exclusive file lock keyed on the registry URI
-  (:func:`tasks.tracking.uri_lock`: ``fcntl`` through ``filelock``; the kernel drops it when a
-  process dies, so a kill leaves no stale lock). Two concurrent registrations therefore
-  serialize: the second one is compared with the first one's result, and the history stays a
-  single line. The lock is host-local: two hosts writing to one remote registry are not
-  serialized (run registration from one place). A ``reevaluate_champion`` hook runs under the
-  lock, so a concurrent registration waits for it.
+- The whole read → decide → write sequence holds an exclusive lock (:func:`_registry_lock`).
+  Two concurrent registrations therefore serialize: the second one is compared with the first
+  one's result, and the history stays a single line. With ``$CUBELINE_REGISTRY_LOCK_URI`` (the
+  team stack's ``stack.env``) or a ``postgresql`` registry, it is PostgreSQL's session advisory
+  lock on that database: held by the database server, so it spans machines (users' clones,
+  workers), and dropped when its holder dies or its connection breaks. Otherwise it is a file
+  lock keyed on the registry URI (:func:`tasks.tracking.uri_lock`: ``fcntl`` through
+  ``filelock``; the kernel drops it when a process dies), which is host-local: fine for the
+  embedded SQLite store. Either way a kill leaves no stale lock. A ``reevaluate_champion``
+  hook runs under the lock, so a concurrent registration waits for it.
 
 Champion history is kept in its own store beside the registry: the artifacts
 ``champion_history/<seq>.json`` of one MLflow run per registered model (run name
