@@ -66,7 +66,8 @@ def embedded_run(work: Path) -> float:
     """Seconds of one ``cubeline run`` on the embedded defaults in a fresh clone."""
     root = clone(work / "embedded")
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CUBELINE_REG"))}
+           if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                                "CUBELINE_MLFLOW", "CUBELINE_REG", "CUBELINE_STACK"))}
     env["PREFECT_HOME"] = str(work / "embedded-prefect-home")
     t0 = time.monotonic()
     cli(root, env, "run", "--json")
