@@ -179,6 +179,11 @@ def test_migrate_then_flows_unchanged(stack_dir: Path, tmp_path: Path) -> None:
     assert f"(version {champion}, alias champion)" in predicted, predicted
     cli(root, team, "promote", "--version", other, "--reason", "after the move")
     assert "after the move" in cli(root, team, "history")
+    cli(root, team, "rollback", "--reason", "undo on the server")
+    after = store_summary(state.mlflow_url)["models"][MODEL]
+    assert after["aliases"]["champion"] == champion
+    assert [h["action"] for h in after["history"]][-2:] == ["manual", "rollback"]
+    assert len(after["history"]) == len(history) + 2
     # A second migration onto a store that is no longer empty is refused, naming the fix.
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "stack", "migrate"], cwd=root,
                           env=team, capture_output=True, text=True)
