@@ -72,7 +72,7 @@ class Phase1Params(ConfigModel):
     sample_fraction: Fraction | None = None
     seed: Annotated[int, Field(ge=0)] = 0
     sharding: ShardingParams = Field(default_factory=ShardingParams)
-    init_check: Literal["warn", "refuse", "off"] = "warn"
+    init_check: Literal["log", "warn", "refuse", "off"] = "log"
 
 
 class ThresholdParams(ConfigModel):

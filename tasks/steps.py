@@ -976,7 +976,9 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
         for q in checks.values():
             quality.update(q.to_metrics())
             for why in q.reasons:
-                log.warning("Phase-1 initialization of %s: %s", q.node, why)
+                (log.warning if p.phase1.init_check == "warn" else log.info)(
+                    "Phase-1 initialization of %s: %s", q.node, why
+                )
     states = _states_dir(ctx)
     staging = states / f".staging-{uuid.uuid4().hex}"
     try:

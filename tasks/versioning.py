@@ -307,7 +307,7 @@ def restore_tree(
         ConfigError: The tree is found neither in the cache nor on the remote.
     """
     from dvc_data.hashfile import load
-    from dvc_data.hashfile.checkout import checkout
+    from dvc_data.hashfile.checkout import CheckoutError, checkout
     from dvc_data.hashfile.hash_info import HashInfo
 
     with open_repo(root) as repo:
@@ -324,15 +324,23 @@ def restore_tree(
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".restore-{uuid.uuid4().hex}"
         try:
-            checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
-            # Trust nothing on disk: a cache object replaced by other (valid-looking) content
-            # must not pass for the hash the run records.
-            actual = _workspace_hash(repo, staging, inside=False)
-            if actual != tree_hash:
+            try:
+                checkout(os.fspath(staging), cache.fs, tree, cache, relink=False)
+                # Trust nothing on disk: a cache object replaced by other (valid-looking)
+                # content must not pass for the hash the run records.
+                bad = _altered_files(staging, tree)
+            except CheckoutError:
+                # DVC refused an object itself; name the altered ones.
+                bad = [
+                    "/".join(key)
+                    for key, _, oid in tree  # type: ignore[attr-defined]
+                    if _md5(Path(cache.oid_to_path(oid.value))) != oid.value
+                ] or ["(DVC checkout failed)"]
+            if bad:
                 raise ConfigError(
                     f"{what} {tree_hash}: the DVC cache ({cache.path}) holds other content under "
-                    f"that hash (it hashes to {actual}); remove the cache objects of this hash "
-                    "(`dvc gc` or delete .dvc/cache) and run again to pull it from the remote"
+                    f"its hash for {bad}; delete those cache objects (or .dvc/cache) and run "
+                    "again to pull them from the remote"
                 )
             if target.exists():
                 shutil.rmtree(target)
@@ -340,6 +348,26 @@ def restore_tree(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _altered_files(root: Path, tree: Any) -> list[str]:
+    """Files under ``root`` whose MD5, read afresh, is not the one ``tree`` records.
+
+    DVC's checkout records the *expected* hash of each file it writes in its state database, so
+    DVC's own hashing would only repeat what it was told; this reads every byte.
+    """
+    return ["/".join(key) for key, _, oid in tree if _md5(root.joinpath(*key)) != oid.value]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 def version_init_state(state_dir: Path, *, root: Path, remote: str | None, states_dir: Path) -> str:
