@@ -121,8 +121,10 @@ def print_summary(summary: Any, seconds: float) -> None:
         f"{h}x{w}x{c}; train {split['train']} val {split['val']} test {split['test']}",
     ]
     if s.drift is not None:
-        verdict = "DRIFT" if s.drift.drifted else "no drift"
-        lines.append(f"  drift       {verdict}: {s.drift.reason}")
+        reason = s.drift.reason
+        if not reason.startswith(("drift", "no drift")):
+            reason = f"{'DRIFT' if s.drift.drifted else 'no drift'}: {reason}"
+        lines.append(f"  drift       {reason}")
     lines.append(f"  phase 1     {s.phase1}: {s.phase1_reason}; init state {s.state_hash} (DVC)")
     if s.unchanged_version is not None:
         lines.append(

@@ -48,14 +48,22 @@ def retrain(
         if check.reinitialize or check.reference_state_hash is None:
             fitted = fit_statistics(ctx, data)
             state_hash = fitted.state_hash
+            if check.champion_version is None or check.reference_state_hash is None:
+                why = "no champion state to start from: initialized from this data"
+            elif check.drifted:
+                why = (f"drift against champion v{check.champion_version}: re-initialized on "
+                       "this data")
+            else:
+                why = (f"champion v{check.champion_version}'s state was fitted with other "
+                       "params: re-initialized on this data")
             if fitted.cached:
                 phase1 = "cached"
-                why = f"{check.reason}; an earlier fit of the same data and params was reused"
+                why += " (an earlier fit of the same data and params was reused)"
             else:
-                phase1, why = "fitted", check.reason
+                phase1 = "fitted"
         else:
             state_hash, phase1 = check.reference_state_hash, "reused"
-            why = f"{check.reason}: the champion's (v{check.champion_version}) state reused"
+            why = f"no drift against champion v{check.champion_version}: its state reused"
             if event_id:
                 why += (
                     f" -- NOTE: drift event {event_id} reported drift, but this run's check "

@@ -149,7 +149,7 @@ def test_second_retrain_with_nothing_changed_registers_nothing(
     s = _retrain(root, reason="second run")
     assert not s.drift.drifted and not s.drift.reinitialize  # type: ignore[attr-defined]
     assert s.phase1 == "reused"  # type: ignore[attr-defined]
-    assert "champion's (v1) state reused" in s.phase1_reason  # type: ignore[attr-defined]
+    assert s.phase1_reason == "no drift against champion v1: its state reused"  # type: ignore[attr-defined]
     assert s.state_hash == first.state_hash  # type: ignore[attr-defined]
     # Same data, split, params, Phase-1 state and code as version 1: nothing new to register.
     assert s.unchanged_version == "1" and s.registration is None  # type: ignore[attr-defined]
