@@ -54,7 +54,7 @@ class PipelineParams(ConfigModel):
     normal_class_ids: tuple[int, ...] = (0,)
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     unfreeze: tuple[str, ...] = ("selector", "rx", "logit_head")
-    selector_mode: Literal["hard", "soft"] = "hard"
+    selector_mode: Literal["hard", "soft", "auto"] = "hard"
 
 
 class ShardingParams(ConfigModel):

@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -56,7 +57,7 @@ _T = TypeVar("_T")
 #: (e.g. a change in the nodes it calls): cached results of the old version are then ignored.
 STEP_VERSIONS: dict[str, str] = {
     "load_cubes": "2",
-    "fit_statistics": "2",
+    "fit_statistics": "3",
     "drift_check": "1",
     "unfreeze": "1",
     "gradient_train": "1",
@@ -449,11 +450,26 @@ def _dm(ctx: RunContext, data: DataRef) -> CubeDataModule:
     )
 
 
-def build_pipeline(params: Params, input_channels: int) -> Pipeline:
-    """The channel-selector pipeline of ``params.pipeline`` for ``input_channels`` bands."""
+def build_pipeline(
+    params: Params, input_channels: int, selector_mode: str | None = None
+) -> Pipeline:
+    """The channel-selector pipeline of ``params.pipeline`` for ``input_channels`` bands.
+
+    Args:
+        params: The run's params.
+        input_channels: Bands of the data.
+        selector_mode: ``hard`` / ``soft``; None: ``params.pipeline.selector_mode`` (``auto``
+            there must be resolved first: the initialization state records the mode it chose).
+    """
     from nodes.presets import build_channel_selector_pipeline
 
     pp = params.pipeline
+    mode = selector_mode or pp.selector_mode
+    if mode == "auto":
+        raise ConfigError(
+            "pipeline.selector_mode auto is resolved by Phase 1 (fit_statistics); build the "
+            "pipeline with the mode its initialization state records"
+        )
     return build_channel_selector_pipeline(
         input_channels=input_channels,
         n_select=pp.n_select,
@@ -463,7 +479,7 @@ def build_pipeline(params: Params, input_channels: int) -> Pipeline:
         normal_class_ids=pp.normal_class_ids,
         threshold=pp.threshold,
         name=pp.name,
-        selector_mode=pp.selector_mode,
+        selector_mode=mode,
     )
 
 
@@ -954,20 +970,32 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
                 log.warning("cached Phase-1 state %s unusable (%s): fitting again", hit, exc)
     p = ctx.params
     dm = _dm(ctx, data)
-    pipeline = build_pipeline(p, data.channels)
-    # runner: inprocess gives None (the trainer's own loop); dask shards every pass over
-    # Prefect's DaskTaskRunner and merges the moment states exactly.
-    with shard_runner_scope(p.phase1.sharding, dm) as shard_runner:
-        trainer = StatisticalTrainer(
-            pipeline,
-            dm,
-            normal_only=p.phase1.normal_only,
-            sample_fraction=p.phase1.sample_fraction,
-            seed=p.phase1.seed,
-            shard_runner=shard_runner,
-        )
-        report = trainer.fit()
-    val = trainer.validate()
+    # selector_mode auto: both readings of the selector are fitted; the one with the higher
+    # Phase-1 validation AP is kept (recorded in the state and the run).
+    modes = ("soft", "hard") if p.pipeline.selector_mode == "auto" else (p.pipeline.selector_mode,)
+    fits = []
+    for mode in modes:
+        pipeline = build_pipeline(p, data.channels, selector_mode=mode)
+        # runner: inprocess gives None (the trainer's own loop); dask shards every pass over
+        # Prefect's DaskTaskRunner and merges the moment states exactly.
+        with shard_runner_scope(p.phase1.sharding, dm) as shard_runner:
+            trainer = StatisticalTrainer(
+                pipeline,
+                dm,
+                normal_only=p.phase1.normal_only,
+                sample_fraction=p.phase1.sample_fraction,
+                seed=p.phase1.seed,
+                shard_runner=shard_runner,
+            )
+            report = trainer.fit()
+        scores = {k: float(v) for k, v in trainer.validate().items()}
+        fits.append((mode, pipeline, trainer, report, scores))
+    mode_ap = {m: v.get("metrics_anomaly/ap", float("nan")) for m, _, _, _, v in fits}
+    mode, pipeline, trainer, report, val = max(
+        fits, key=lambda f: (math.isfinite(mode_ap[f[0]]), mode_ap[f[0]])
+    )
+    if len(fits) > 1:
+        log.info("selector_mode auto: Phase-1 val AP %s -> %s", mode_ap, mode)
     quality: dict[str, float] = {}
     if p.phase1.init_check != "off":
         # The guide's "validate initialization quality", in its correct form for RX: held-out
@@ -991,8 +1019,10 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
             extra={
                 "params_phase1": p.phase1.to_dict(),
                 "params_pipeline": p.pipeline.to_dict(),
-                "val_metrics": {k: float(v) for k, v in val.items()},
+                "val_metrics": val,
                 "init_quality": quality,
+                "selector_mode": mode,
+                "selector_mode_val_ap": mode_ap,
             },
         )
         state_hash = version_init_state(
@@ -1008,7 +1038,7 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
         pixel_count=info.pixel_count,
         passes=report.passes,
         seconds=report.seconds,
-        val_metrics={k: float(v) for k, v in val.items()},
+        val_metrics=val,
     )
     _cache_put(ctx, key, ref)
     return ref
@@ -1188,7 +1218,9 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
 
     p = ctx.params
     state_path = _restore_state(ctx, state_hash)
-    pipeline = build_pipeline(p, data.channels)
+    info = read_init_info(state_path)
+    mode = info.extra.get("selector_mode") or p.pipeline.selector_mode
+    pipeline = build_pipeline(p, data.channels, selector_mode=mode)
     load_init_state(pipeline, state_path)
     pipeline.unfreeze_nodes_by_name(p.pipeline.unfreeze)
     cfg, _ = pipeline.save_to_file(ctx.out / "pipeline_init.yaml")
@@ -1197,7 +1229,6 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
         set_lineage_tags(
             data.data_hash, state_hash, p.section_hash(), git_commit(Path(ctx.root)), ctx.run_id
         )
-        info = read_init_info(state_path)
         _set_tags(
             ctx,
             {
@@ -1205,6 +1236,7 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
                 "cubeline.data_dirty": str(data.dirty).lower(),
                 "cubeline.data_recorded_hash": data.recorded_hash,
                 "cubeline.init_state_source_data_hash": info.source_data_hash,
+                "cubeline.selector_mode": str(mode),
             },
         )
         _log_metrics(ctx, {"pixels": info.pixel_count, "passes": info.passes}, prefix="phase1/")
@@ -1212,6 +1244,12 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
         # ran in this flow run, came from the cache or is the champion's.
         _log_metrics(ctx, info.extra.get("val_metrics", {}), prefix="phase1/val/")
         _log_metrics(ctx, info.extra.get("init_quality", {}), prefix="phase1/")
+        _log_metrics(
+            ctx,
+            {f"{m}/metrics_anomaly/ap": ap
+             for m, ap in info.extra.get("selector_mode_val_ap", {}).items()},
+            prefix="phase1/val_by_selector_mode/",
+        )
         _log_artifact(ctx, state_path, "init_state")
         _log_artifact(ctx, state_path.with_suffix(".json"), "init_state")
     return PipelineRef(
@@ -1635,7 +1673,8 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
     )
     dm.setup("fit")
     setup_s = time.perf_counter() - start
-    pipeline = build_pipeline(params, dm.num_channels)
+    mode = params.pipeline.selector_mode
+    pipeline = build_pipeline(params, dm.num_channels, "soft" if mode == "auto" else mode)
     report = StatisticalTrainer(
         pipeline,
         dm,

@@ -263,3 +263,26 @@ def test_runs_left_running_by_dead_processes_are_marked_killed(repo: Path) -> No
     assert "killed: process" in client.get_run(orphan.info.run_id).data.tags["cubeline.outcome"]
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
     client.set_terminated(alive.info.run_id)
+
+
+def test_selector_mode_auto_keeps_the_reading_with_the_higher_val_ap(
+    repo: Path, data: DataRef, tmp_path: Path
+) -> None:
+    from nodes.init_state import read_init_info
+    from nodes.pipeline import Pipeline
+    from tasks.steps import _restore_state
+
+    edit_params(repo, pipeline={"selector_mode": "auto"})
+    try:
+        ctx = _ctx(repo)
+        init = fit_statistics.fn(ctx, data, use_cache=False)
+        extra = read_init_info(_restore_state(ctx, init.state_hash)).extra
+        aps = extra["selector_mode_val_ap"]
+        assert set(aps) == {"soft", "hard"} and all(0 < v <= 1 for v in aps.values())
+        assert extra["selector_mode"] == max(aps, key=aps.get)
+        assert init.val_metrics["metrics_anomaly/ap"] == aps[extra["selector_mode"]]
+        ref = unfreeze.fn(_ctx(repo, run_dir=str(tmp_path)), data, init.state_hash, reused=False)
+        selector = Pipeline.load_from_file(ref.config_path).nodes["selector"]
+        assert getattr(selector, "mode", None) == extra["selector_mode"]
+    finally:
+        edit_params(repo, pipeline={"selector_mode": "soft"})
