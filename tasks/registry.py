@@ -109,6 +109,8 @@ _TAG_RUN = "cubeline.run_id"
 _TAG_CONTEXT = "cubeline.reason_context"
 #: What fixes a trained model (data, split, params, Phase-1 state, code): see tasks.steps.
 TAG_FINGERPRINT = "cubeline.fingerprint"
+#: Key under which the calibrated decision threshold reaches the gate (not a gate metric).
+THRESHOLD_METRIC = "decision_threshold_logit"
 #: ``<prefix><artifact>`` = SHA-256 of the model's pipeline YAML / weights, pinned at registration.
 TAG_SHA256_PREFIX = "cubeline.sha256."
 _TAG_REGISTERED_AT = "cubeline.registered_at"
@@ -300,6 +302,14 @@ def decide_promotion(
             failed.append(f"{key}={got:.6g} > maximum {maximum:.6g}")
     if math.isnan(value):
         failed.append(f"{name} is NaN")
+    # Floors no params.yaml can lower: a detector no better than chance, or one whose decision
+    # threshold is not a number, is never promoted.
+    for key, got in sorted(challenger_metrics.items()):
+        if key.rsplit("/", 1)[-1] == "auroc" and not float(got) > 0.5:
+            failed.append(f"{key}={float(got):.6g} <= 0.5 (no better than chance; never promoted)")
+    threshold = challenger_metrics.get(THRESHOLD_METRIC)
+    if threshold is not None and not math.isfinite(float(threshold)):
+        failed.append(f"decision threshold {threshold} is not finite (never promoted)")
     if failed:
         return PromotionDecision(
             promote=False,

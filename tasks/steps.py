@@ -1418,6 +1418,7 @@ def register_model(
     from tasks.registry import (
         TAG_FINGERPRINT,
         TAG_SHA256_PREFIX,
+        THRESHOLD_METRIC,
         register_and_promote,
         version_metrics,
     )
@@ -1450,7 +1451,10 @@ def register_model(
     result = register_and_promote(
         ctx.run_id,
         info.model_uri,
-        evaluation.metrics,
+        {
+            **evaluation.metrics,
+            **({THRESHOLD_METRIC: trained.threshold} if trained.threshold is not None else {}),
+        },
         evaluation.split_id,
         p.registry.gate,
         p.registry.model_name,

@@ -510,3 +510,19 @@ def test_two_concurrent_registrations_end_with_one_consistent_champion(
     hist = champion_history(name)
     assert [h.previous_version for h in hist] == [None, *[h.version for h in hist[:-1]]]
     assert hist[-1].version == best
+
+
+def test_gate_floors_that_params_cannot_lower() -> None:
+    """AUROC <= 0.5 or a non-finite threshold never promotes, whatever the gate says."""
+    from tasks.registry import THRESHOLD_METRIC, decide_promotion
+
+    lax = {"metric": "metrics_anomaly/ap", "min_improvement": 0.0, "absolute_thresholds": {}}
+    good = {"metrics_anomaly/ap": 0.4, "metrics_anomaly/auroc": 0.9, THRESHOLD_METRIC: 1.5}
+    assert decide_promotion(good, None, lax, challenger_split_id="s").promote
+    chance = {**good, "metrics_anomaly/auroc": 0.5}
+    d = decide_promotion(chance, None, lax, challenger_split_id="s")
+    assert not d.promote and "no better than chance" in d.reason
+    inf = {**good, THRESHOLD_METRIC: float("inf")}
+    d = decide_promotion(inf, {"metrics_anomaly/ap": 0.1}, lax, challenger_split_id="s",
+                         champion_split_id="s")
+    assert not d.promote and "not finite" in d.reason
