@@ -116,11 +116,33 @@ class RetrainParams(ConfigModel):
     skip_unchanged: bool = True
 
 
+#: What the flows' metric node (``metrics_anomaly``, :class:`nodes.metrics.AnomalyDetectionMetrics`)
+#: reports on the test frames: the only figures the gate can read (checked before any training).
+GATE_METRICS: tuple[str, ...] = tuple(
+    f"metrics_anomaly/{k}" for k in ("iou", "f1", "precision", "recall", "ap", "auroc")
+)
+
+
 class RegistryParams(ConfigModel):
     """MLflow model registry."""
 
     model_name: str = Field(default="cubeline-channel-selector", min_length=1)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _gate_reads_reported_metrics(self) -> RegistryParams:
+        import difflib
+
+        g = self.gate
+        for key in (g.metric, *g.absolute_thresholds, *g.absolute_maximums):
+            if key not in GATE_METRICS:
+                near = difflib.get_close_matches(key, GATE_METRICS, n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise ValueError(
+                    f"gate metric {key!r} is not reported by the flows.{hint} Use one of "
+                    f"{', '.join(GATE_METRICS)}"
+                )
+        return self
 
 
 class MlflowParams(ConfigModel):

@@ -98,3 +98,25 @@ def test_params_are_frozen() -> None:
     with pytest.raises(Exception, match="frozen"):
         p.data.batch_size = 2
     assert isinstance(p, Params)
+
+
+def test_gate_metric_typo_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "params.yaml").read_text()
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text.replace("metric: metrics_anomaly/auroc", "metric: metrics_anomaly/aurcc"))
+    with pytest.raises(ConfigError, match=r"aurcc.*Did you mean 'metrics_anomaly/auroc'"):
+        load_params(bad)
+
+
+def test_gate_metrics_are_what_the_metric_node_reports() -> None:
+    import torch
+
+    from nodes.metrics import AnomalyDetectionMetrics
+    from tasks.params import GATE_METRICS
+
+    node = AnomalyDetectionMetrics(name="metrics_anomaly")
+    target = torch.zeros(1, 4, 4, dtype=torch.bool)
+    target[0, 0, 0] = True
+    node(decisions=target.clone(), targets=target, logits=target.float())
+    assert sorted(f"metrics_anomaly/{k}" for k in node.compute()) == sorted(GATE_METRICS)
