@@ -3,13 +3,15 @@
 - :func:`flows.train.train` -- two-phase training from scratch;
 - :func:`flows.retrain.retrain` -- drift check against the champion's initialization state,
   re-initialization (Phase 1) only on drift, Phase 2, evaluation, registration behind the gate;
-- :func:`flows.drift_watch.drift_watch` -- one streaming pass over new frames, a Prefect event
-  ``cubeline.drift.detected`` when they drifted;
+- :func:`flows.drift_watch.drift_watch` -- new frames (a data version, or the inbox) checked in
+  one streaming pass; a Prefect event ``cubeline.drift.detected`` naming the version on drift;
+- :mod:`flows.chain` -- the steps ``train`` and ``retrain`` share once Phase 1 is settled;
 - :mod:`flows.deploy` -- the schedules and the drift-event trigger, served against a Prefect
   server; :mod:`flows.cli` -- the ``cubeline`` command.
 
 Flows take the path of ``params.yaml``; :func:`for_repo` binds a flow to the repository's result
-storage (``<repo>/.prefect/results``, where the step cache lives). Nothing is imported here at
+storage (``<repo>/.prefect/results``; the Phase-1 step cache is cubeline's own JSON under
+``steps/`` there, see :mod:`tasks.steps`). Nothing is imported here at
 module level: ``cubeline --help`` must stay instant.
 """
 
