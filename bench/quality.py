@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -200,16 +199,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,11 +240,13 @@ def main() -> None:
             for fut in futures:
                 runs += fut.result()
     summary = summarize(runs)
+    from tasks.env import cpu_model
+
     cuvis = ("skipped: no cuvis-ai environment given" if not args.cuvis_python else
              f"skipped: {args.cuvis_python} given, but the cuvis-ai quality worker is not "
              "built (see bench/peers.py for the like-for-like timing comparison)")
     summary["meta"] = {
-        "machine": f"{_cpu_model()}, {os.cpu_count()} vCPU",
+        "machine": f"{cpu_model()}, {os.cpu_count()} vCPU",
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "jobs": jobs, "threads_per_job": threads,
         "selector_mode": settings["pipeline"].get("selector_mode", "hard"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,21 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.env import disable_telemetry
+from tasks.env import cpu_model, disable_telemetry
 from tests.flows.team import embedded_run, scenario, stack_parent
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0]).parse_args()
     disable_telemetry()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     t0 = time.monotonic()
@@ -76,7 +68,7 @@ def main() -> int:
         "reasons": out["reasons"],
         "processes_left": out["processes_left"],
         "total_s": round(time.monotonic() - t0, 1),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
