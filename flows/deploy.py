@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 RETRAIN_DEPLOYMENT = "retrain-scheduled"
+SERVE_POLL_S = 2.0
 WATCH_DEPLOYMENT = "drift-watch"
 
 
@@ -118,4 +119,6 @@ def serve(params_path: Path) -> None:
     from prefect import serve as prefect_serve
 
     check_server()
-    prefect_serve(*build_deployments(params_path))
+    # Poll for due runs every 2 s (Prefect's default is 10 s): a drift-triggered retrain starts
+    # seconds after the event; the cost is one small API query per poll.
+    prefect_serve(*build_deployments(params_path), query_seconds=SERVE_POLL_S)
