@@ -42,6 +42,19 @@ class DataParams(ConfigModel):
     expected_channels: Annotated[int, Field(ge=1)] | None = None
     dvc_file: str = "data.dvc"
 
+    @model_validator(mode="after")
+    def _test_frames_are_held_out(self) -> DataParams:
+        # The gate decides on the test frames: a model must never have trained or calibrated on
+        # them. (Train and val may share frames; the datamodule warns about that.)
+        for name, ids in (("train_ids", self.train_ids), ("val_ids", self.val_ids)):
+            shared = sorted(set(ids) & set(self.test_ids))
+            if shared:
+                raise ValueError(
+                    f"frames {shared} are in both {name} and test_ids; the promotion gate decides "
+                    "on the test frames, so they must be held out: remove them from one side"
+                )
+        return self
+
 
 class PipelineParams(ConfigModel):
     """The channel-selector pipeline (:func:`nodes.presets.build_channel_selector_pipeline`)."""

@@ -120,3 +120,12 @@ def test_gate_metrics_are_what_the_metric_node_reports() -> None:
     target[0, 0, 0] = True
     node(decisions=target.clone(), targets=target, logits=target.float())
     assert sorted(f"metrics_anomaly/{k}" for k in node.compute()) == sorted(GATE_METRICS)
+
+
+def test_test_frames_shared_with_training_are_refused(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    bad = tmp_path / "params.yaml"
+    bad.write_text((repo / "params.yaml").read_text().replace("train_ids: [0, 1, 2]",
+                                                                "train_ids: [0, 1, 2, 4]"))
+    with pytest.raises(ConfigError, match=r"frames \[4\] are in both train_ids and test_ids"):
+        load_params(bad)
