@@ -1414,7 +1414,7 @@ def register_model(
     import numpy as np
 
     from nodes.pipeline import Pipeline
-    from tasks.pyfunc_model import SHA256_METADATA, load_champion, log_pipeline_model
+    from tasks.pyfunc_model import SHA256_METADATA, log_pipeline_model
     from tasks.registry import (
         TAG_FINGERPRINT,
         TAG_SHA256_PREFIX,
@@ -1438,9 +1438,18 @@ def register_model(
 
     def reevaluate(champion: Any, split_id: str) -> dict[str, float]:
         from nodes.metrics import AnomalyDetectionMetrics
+        from tasks.serving import load_version
 
-        champ = load_champion(p.registry.model_name)
-        score_split(champ, dm, "test")
+        # As data (YAML + weights_only, checked against the registered SHA-256), never as code.
+        champ = load_version(p.registry.model_name, str(champion.version)).pipeline
+        try:
+            score_split(champ, dm, "test")
+        except (RuntimeError, ValueError, CubelineError) as exc:
+            # Another band count or pipeline: not comparable -- a recorded "keep" decision
+            # (the champion has no finite score on this split), not a crash.
+            log.warning("champion v%s cannot score this data (%s): not comparable",
+                        champion.version, exc)
+            return {p.registry.gate.metric: float("nan")}
         return {
             f"{m.name}/{k}": float(v)
             for m in champ.node_list()
