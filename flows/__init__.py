@@ -20,18 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tasks.env import RESULTS_DIR, results_dir
+
+__all__ = ["RESULTS_DIR", "for_repo", "results_dir"]
+
 if TYPE_CHECKING:
     from prefect import Flow
 
 F = TypeVar("F", bound="Flow[Any, Any]")
-
-RESULTS_DIR = Path(".prefect") / "results"
-
-
-def results_dir(root: Path) -> Path:
-    """Where the step cache of the repository at ``root`` lives (ignored by git)."""
-    return (Path(root) / RESULTS_DIR).resolve()
-
 
 def for_repo(flow: F, root: Path) -> F:
     """``flow`` persisting its cached step results under ``root/.prefect/results``."""

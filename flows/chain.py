@@ -13,6 +13,7 @@ from tasks.steps import (
     RunSummary,
     evaluate,
     find_unchanged,
+    fingerprint,
     gradient_train,
     register_model,
     unfreeze,
@@ -42,7 +43,8 @@ def phase2_and_register(
     Returns:
         The run summary (also published as the flow run's markdown artifact).
     """
-    same = find_unchanged(ctx, data, state_hash)
+    fp = fingerprint(ctx, data, state_hash)  # computed once: it runs git on the code
+    same = find_unchanged(ctx, fp)
     if same is not None:
         summary = RunSummary(
             flow=flow, ctx=ctx, data=data, state_hash=state_hash, phase1=phase1, drift=drift,
@@ -53,7 +55,7 @@ def phase2_and_register(
         pipe = unfreeze(ctx, data, state_hash, reused=phase1 == "reused")
         trained = gradient_train(ctx, data, pipe)
         evaluation = evaluate(ctx, data, trained)
-        registration = register_model(ctx, data, trained, evaluation, phase1)
+        registration = register_model(ctx, data, trained, evaluation, phase1, fp)
         summary = RunSummary(
             flow=flow, ctx=ctx, data=data, state_hash=state_hash, phase1=phase1, drift=drift,
             train=trained, evaluation=evaluation, registration=registration,

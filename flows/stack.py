@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.errors import ConfigError, CubelineError
-from tasks.env import TELEMETRY_ENV
+from tasks.env import TELEMETRY_ENV, process_alive
 
 __all__ = [
     "LOCK_ENV",
@@ -195,21 +195,6 @@ def _write_env_file(state: StackState) -> Path:
     path = state.root / ENV_FILE
     _write_private(path, "\n".join(lines) + "\n")
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of this process counts as gone.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 def _port_free(port: int) -> bool:
@@ -460,7 +445,7 @@ def _wait(state: StackState, name: str, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pid = state.pids[name]
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             raise StackError(f"{name} server exited during start-up. Log: "
                              f"{state.root / 'logs' / (name + '.log')}")
         if _http_ok(url):
@@ -482,7 +467,7 @@ def _wait_workers(state: StackState, timeout: float) -> None:
     ):
         while time.monotonic() < deadline:
             for i in range(1, _N_WORKERS + 1):
-                if not _alive(state.pids[f"worker-{i}"]):
+                if not process_alive(state.pids[f"worker-{i}"]):
                     raise StackError(f"worker-{i} exited during start-up. Log: "
                                      f"{state.root / 'logs' / f'worker-{i}.log'}")
             with contextlib.suppress(Exception):
@@ -531,7 +516,7 @@ def stack_up(
     stack_dir = Path(stack_dir).resolve()
     if (stack_dir / STATE_FILE).is_file():
         state = load_state(stack_dir)
-        running = [n for n, pid in state.pids.items() if _alive(pid)]
+        running = [n for n, pid in state.pids.items() if process_alive(pid)]
         if running or _pg_running(state):
             raise StackError(
                 f"the stack in {stack_dir} is already (partly) up: {running or ['postgresql']}."
@@ -602,14 +587,14 @@ def _stop_pids(pids: list[int], timeout: float) -> list[int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in everyone):
+        while time.monotonic() < deadline and any(process_alive(p) for p in everyone):
             time.sleep(0.2)
         for pid in everyone:  # reap our own children (a test's Popen parent)
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-        if not any(_alive(p) for p in everyone):
+        if not any(process_alive(p) for p in everyone):
             return []
-    return [p for p in everyone if _alive(p)]
+    return [p for p in everyone if process_alive(p)]
 
 
 def stack_down(stack_dir: Path, purge: bool = False) -> list[str]:
@@ -664,7 +649,7 @@ def stack_status(stack_dir: Path) -> dict[str, Any]:
     }
     for i in range(1, _N_WORKERS + 1):
         pid = state.pids.get(f"worker-{i}")
-        services[f"worker-{i}"] = {"up": pid is not None and _alive(pid), "pid": pid,
+        services[f"worker-{i}"] = {"up": pid is not None and process_alive(pid), "pid": pid,
                                    "pool": POOL}
     return {
         "dir": str(state.root),

@@ -316,15 +316,15 @@ def combine_versions(
             "with COCO labels cannot be combined yet: set retrain.on_drift_data: new"
         )
     old_files = [old.files[_file_index(old, i)] for i in old.split.train]
-    files: list[str] = []
-    for f in [*dict.fromkeys(old_files), *new.files]:
-        if Path(f).name in {Path(g).name for g in files}:
-            raise ConfigError(
-                f"old + new: both versions hold a frame file named {Path(f).name!r}; rename the "
-                "new frames before ingesting them"
-            )
-        files.append(f)
-    n_old = len(dict.fromkeys(old_files))
+    files = [*dict.fromkeys(old_files), *new.files]
+    names = [Path(f).name for f in files]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(
+            f"old + new: both versions hold a frame file named {clash[0]!r}; rename the new "
+            "frames before ingesting them"
+        )
+    n_old = len(files) - len(new.files)
     split = Split(
         tuple(range(n_old)) + tuple(n_old + i for i in new.split.train),
         tuple(n_old + i for i in new.split.val),

@@ -143,13 +143,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host (one of another user's counts)."""
+    """Whether a process with ``pid`` runs on this host (another user's counts; a zombie not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
 
 
@@ -164,3 +168,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+#: Prefect result storage of a repository; cubeline's own Phase-1 step cache is under ``steps/``.
+RESULTS_DIR = Path(".prefect") / "results"
+
+
+def results_dir(root: Path) -> Path:
+    """Where the step cache of the repository at ``root`` lives (ignored by git)."""
+    return (Path(root) / RESULTS_DIR).resolve()

@@ -62,11 +62,11 @@ STEP_VERSIONS: dict[str, str] = {
     "unfreeze": "1",
     "gradient_train": "1",
     "evaluate": "1",
-    "register_model": "1",
+    "register_model": "2",
     "emit_drift_event": "2",
     "ingest_inbox": "1",
     "combine_data": "1",
-    "find_unchanged": "1",
+    "find_unchanged": "2",
 }
 
 DRIFT_EVENT = "cubeline.drift.detected"
@@ -356,21 +356,16 @@ def _step_key(sections: tuple[str, ...]) -> Callable[[TaskRunContext, dict[str, 
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         ctx: RunContext = parameters["ctx"]
-        data: DataRef | None = parameters.get("data")
-        version: str | None = parameters.get("data_version")
-        if data is not None:
-            data_hash = data.data_hash
-        else:
-            data_hash = version or _data_version(ctx, None).content_hash
+        data: DataRef = parameters["data"]
         t = context.task
         return "-".join(
             (
                 t.name,
                 f"v{t.version}",
                 _code_digest(t.fn),
-                data_hash.replace(".", "_"),
+                data.data_hash.replace(".", "_"),
                 ctx.params.section_hash(*sections),
-                _digest(Path(ctx.root).resolve(), version or ""),
+                _digest(Path(ctx.root).resolve()),
             )
         )
 
@@ -382,18 +377,17 @@ def _step_key(sections: tuple[str, ...]) -> Callable[[TaskRunContext, dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _data_paths(ctx: RunContext, paths: Sequence[str] | None) -> list[Path]:
-    raw = paths if paths else ctx.params.data.paths
-    return [resolve_path(ctx.params_path, p) for p in raw]
+def _data_paths(ctx: RunContext) -> list[Path]:
+    return [resolve_path(ctx.params_path, p) for p in ctx.params.data.paths]
 
 
-def _data_version(ctx: RunContext, paths: Sequence[str] | None) -> Any:
+def _data_version(ctx: RunContext) -> Any:
     from tasks.versioning import data_version, ensure_data
 
     p = ctx.params
     root = Path(ctx.root)
     ensure_data(root, p.data.dvc_file, p.dvc.remote)
-    return data_version(root, p.data.dvc_file, _data_paths(ctx, paths))
+    return data_version(root, p.data.dvc_file, _data_paths(ctx))
 
 
 #: One validated datamodule per process: tasks of one flow run share it instead of re-reading
@@ -525,10 +519,6 @@ def _log_artifact(ctx: RunContext, path: Path, artifact_path: str) -> None:
 
 def set_run_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
     """Tag the flow's MLflow run (nothing outside :func:`tracked_run`)."""
-    _set_tags(ctx, tags)
-
-
-def _set_tags(ctx: RunContext, tags: Mapping[str, str]) -> None:
     if ctx.run_id is None:
         return
     client = _client()
@@ -768,8 +758,8 @@ def load_cubes(ctx: RunContext, data_version: str | None = None) -> DataRef:
         dirty = False
         annotation = info.annotation
     else:
-        version = _data_version(ctx, None)
-        files = [str(f) for f in _data_paths(ctx, None)]
+        version = _data_version(ctx)
+        files = [str(f) for f in _data_paths(ctx)]
         names = tuple(f"{Path(f).name}#{i}" for f in files for i in range(count_frames(f)))
         splits = (p.data.train_ids, p.data.val_ids, p.data.test_ids)
         data_hash, recorded, dirty = version.content_hash, version.recorded_hash, version.dirty
@@ -800,7 +790,7 @@ def load_cubes(ctx: RunContext, data_version: str | None = None) -> DataRef:
 
 def record_data(ctx: RunContext, data: DataRef) -> None:
     """Tag the run with the data it reads: hash, version and the frames of each split."""
-    _set_tags(
+    set_run_tags(
         ctx,
         {
             "cubeline.data_hash": data.data_hash,
@@ -914,9 +904,9 @@ def combine_data(ctx: RunContext, data: DataRef, champion_run_id: str | None) ->
     else:
         from nodes.data.readers import count_frames
 
-        files = tuple(str(f) for f in _data_paths(ctx, None))
+        files = tuple(str(f) for f in _data_paths(ctx))
         old = DataVersionInfo(
-            version=_data_version(ctx, None).content_hash,
+            version=_data_version(ctx).content_hash,
             path=repo_root(Path(ctx.params_path).parent),
             files=files,
             split=Split(p.data.train_ids, p.data.val_ids, p.data.test_ids),
@@ -1045,7 +1035,7 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
 
 
 def _cache_file(ctx: RunContext, key: str) -> Path:
-    from flows import results_dir
+    from tasks.env import results_dir
 
     return results_dir(Path(ctx.root)) / "steps" / f"{key}.json"
 
@@ -1229,7 +1219,7 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
         set_lineage_tags(
             data.data_hash, state_hash, p.section_hash(), git_commit(Path(ctx.root)), ctx.run_id
         )
-        _set_tags(
+        set_run_tags(
             ctx,
             {
                 "cubeline.init_state_reused": str(reused).lower(),
@@ -1319,7 +1309,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         # Whether Phase 2 handed back its best epoch or fell back to the Phase-1 state.
         _log_metrics(ctx, {"kept_phase1": float(report.kept_phase1),
                            "phase1_val_score": report.phase1_score}, prefix="phase2/")
-        _set_tags(ctx, {"cubeline.phase2_outcome": report.outcome,
+        set_run_tags(ctx, {"cubeline.phase2_outcome": report.outcome,
                         "cubeline.phase2_summary": report.summary()})
     if threshold is not None:
         _log_metrics(ctx, {"threshold_logit": threshold})
@@ -1391,7 +1381,7 @@ def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult
             scores, targets, names, out, threshold=trained.threshold, score_label=label
         )
     _log_metrics(ctx, metrics, prefix="test/")
-    _set_tags(ctx, {"cubeline.split_id": split_id})
+    set_run_tags(ctx, {"cubeline.split_id": split_id})
     return EvalResult(
         metrics=metrics, split_id=split_id, artifacts={k: str(v) for k, v in paths.items()}
     )
@@ -1404,12 +1394,15 @@ def register_model(
     trained: TrainResult,
     evaluation: EvalResult,
     phase1: str = "fitted",
+    fp: str | None = None,
 ) -> RegistrationSummary:
     """Log the model (with signature), register a version, gate it, move the aliases.
 
     ``challenger`` always moves to the new version; ``champion`` only when the gate of
     ``params.yaml`` says so (inside a Prefect transaction, see :mod:`tasks.registry`). A
-    champion never scored on this split is re-scored here on the same test frames first.
+    champion never scored on this split is re-scored here on the same test frames first. The
+    version carries ``fp`` (:func:`fingerprint`; computed here when not given) and the SHA-256
+    of its files, and ``phase1`` goes into its one-line description.
     """
     import numpy as np
 
@@ -1470,7 +1463,7 @@ def register_model(
         reason_context=ctx.reason,
         reevaluate_champion=reevaluate,
         tags={
-            TAG_FINGERPRINT: fingerprint(ctx, data, trained.state_hash),
+            TAG_FINGERPRINT: fp or fingerprint(ctx, data, trained.state_hash),
             # The registry pins the files it serves: tasks.serving checks them at every load.
             **{
                 f"{TAG_SHA256_PREFIX}{k}": v
@@ -1548,16 +1541,15 @@ def fingerprint(ctx: RunContext, data: DataRef, state_hash: str) -> str:
 
 
 @task(name="find_unchanged", version=STEP_VERSIONS["find_unchanged"], persist_result=False)
-def find_unchanged(ctx: RunContext, data: DataRef, state_hash: str) -> str | None:
-    """The registered version trained from exactly this data, params, state and code, if any.
+def find_unchanged(ctx: RunContext, fp: str) -> str | None:
+    """The registered version with :func:`fingerprint` ``fp`` (same data, params, state, code).
 
     Phase 2 is seeded, so such a run would reproduce that version: the flow then registers
     nothing and says ``unchanged: version N`` (``retrain.skip_unchanged``).
     """
     from tasks.registry import TAG_FINGERPRINT, find_versions_by_tag
 
-    fp = fingerprint(ctx, data, state_hash)
-    _set_tags(ctx, {TAG_FINGERPRINT: fp})
+    set_run_tags(ctx, {TAG_FINGERPRINT: fp})
     if not ctx.params.retrain.skip_unchanged:
         return None
     versions = find_versions_by_tag(ctx.params.registry.model_name, TAG_FINGERPRINT, fp)

@@ -203,7 +203,8 @@ def scenario(
         td = time.monotonic()
         stack_down(stack_dir)
         out["stack_down_s"] = round(time.monotonic() - td, 2)
-    from flows.stack import _alive, _port_free
+    from flows.stack import _port_free
+    from tasks.env import process_alive as _alive
 
     out["processes_left"] = [n for n, pid in pids.items() if _alive(pid)]
     out["ports_left"] = [p for p in (state.pg_port, state.mlflow_port, state.prefect_port)

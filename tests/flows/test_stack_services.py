@@ -51,7 +51,7 @@ def stack_dir() -> Iterator[Path]:
                 pids = dict(state.pids)
                 down = cli(repo, env, "stack", "down", "--dir", str(path))
                 assert "postgresql" in down
-                from flows.stack import _alive
+                from tasks.env import process_alive as _alive
 
                 assert not [p for p in pids.values() if _alive(p)]
         finally:
