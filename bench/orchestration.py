@@ -56,10 +56,10 @@ def direct(root: Path) -> dict[str, float]:
     """The flow's compute, no orchestration: returns per-step seconds."""
     t0 = time.perf_counter()
     from nodes.data.datamodule import CubeDataModule
-    from nodes.gradient_trainer import GradientTrainer
-    from nodes.init_state import load_init_state, save_init_state
-    from nodes.pipeline import Pipeline
-    from nodes.statistical_trainer import StatisticalTrainer
+    from nodes.graph.pipeline import Pipeline
+    from nodes.training.gradient_trainer import GradientTrainer
+    from nodes.training.init_state import load_init_state, save_init_state
+    from nodes.training.statistical_trainer import StatisticalTrainer
     from tasks.params import load_params, resolve_path
     from tasks.steps import build_pipeline, score_split
 

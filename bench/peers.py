@@ -189,7 +189,7 @@ class CubelineWorker:
 
         sys.path.insert(0, str(REPO))
         import nodes
-        from nodes.stats import MomentState
+        from nodes.training.stats import MomentState
 
         info = set_threads(threads)
         self.data = Data(data_dir)
@@ -289,7 +289,7 @@ class CubelineWorker:
     def two_phase(self, epochs: int, n_train: int) -> dict[str, Any]:
         """The preset channel-selector pipeline: Phase 1, unfreeze, ``GradientTrainer``."""
         import nodes
-        from nodes.presets import build_channel_selector_pipeline
+        from nodes.library.presets import build_channel_selector_pipeline
 
         assert self.data is not None
         n = self.data.cubes.shape[0]

@@ -13,7 +13,8 @@ own nodes and trainers, as its documentation and sources show them:
   fitted on 61 channels where cubeline's is fitted on 10 (``rx_channels`` in the reply).
 - RX scoring: ``RXGlobal(num_channels=C, eps=0)``, statistics from ``statistical_initialization``
   (untimed), ``forward(data=batch)`` under ``torch.no_grad``.
-- Two-phase example: the same graph as ``nodes.presets.build_channel_selector_pipeline`` built
+- Two-phase example: the same graph as ``nodes.library.presets.build_channel_selector_pipeline``
+built
   from cuvis-ai's nodes (``ScoreToLogit``, ``BinaryDecider``, ``AnomalyBCEWithLogits``,
   ``AnomalyDetectionMetrics``), ``StatisticalTrainer.fit()``, ``unfreeze_nodes_by_name``,
   ``cuvis_ai_core.training.GradientTrainer`` with ``TrainingConfig(max_epochs=E,

@@ -53,7 +53,7 @@ from nodes import (  # noqa: E402
     SoftChannelSelector,
     StatisticalTrainer,
 )
-from nodes.stats import MomentState  # noqa: E402
+from nodes.training.stats import MomentState  # noqa: E402
 
 SESSION = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
 

@@ -39,7 +39,7 @@ from nodes import (  # noqa: E402
     SoftChannelSelector,
     StatisticalTrainer,
 )
-from nodes.stats import MomentAccumulator, MomentState  # noqa: E402
+from nodes.training.stats import MomentAccumulator, MomentState  # noqa: E402
 
 
 def chain(c: int, n_select: int = 10) -> Pipeline:

@@ -23,9 +23,9 @@ import torch
 from synthetic import make_cubes
 
 from nodes import GradientTrainer, StatisticalTrainer
-from nodes.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 from nodes.data import CubeDataModule
-from nodes.presets import build_channel_selector_pipeline
+from nodes.library.presets import build_channel_selector_pipeline
+from nodes.training.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 
 if TYPE_CHECKING:
     from nodes import AnomalyDetectionMetrics, Node

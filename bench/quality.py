@@ -94,9 +94,9 @@ def run_split(split: str, seeds: list[int], settings: dict[str, Any], epochs: in
 
     torch.set_num_threads(threads)
     from nodes import AnomalyDetectionMetrics, GradientTrainer, Node, StatisticalTrainer
-    from nodes.config import TrainingConfig
     from nodes.data import CubeDataModule
-    from nodes.presets import build_channel_selector_pipeline
+    from nodes.library.presets import build_channel_selector_pipeline
+    from nodes.training.config import TrainingConfig
 
     pcfg, p1cfg, thr = settings["pipeline"], settings["phase1"], settings["threshold"]
     paths = [ROOT / "data" / "session" / f"abu-{s}.mat" for s in SCENES]

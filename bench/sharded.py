@@ -144,7 +144,7 @@ def write_frames(directory: Path, n: int, size: int, channels: int, compressed: 
 
 def build(kind: str, channels: int) -> Any:
     from nodes import AnomalyDataNode, MinMaxNormalizer, Pipeline, RXGlobal, SoftChannelSelector
-    from nodes.presets import build_channel_selector_pipeline
+    from nodes.library.presets import build_channel_selector_pipeline
 
     if kind == "preset":
         return build_channel_selector_pipeline(input_channels=channels)
@@ -219,7 +219,7 @@ def run_sharded(task_map: Any, paths: list[Path], kind: str, channels: int, batc
     import torch
 
     from nodes import StatisticalTrainer
-    from nodes.sharding import ShardDataSpec, ShardedPassRunner
+    from nodes.training.sharding import ShardDataSpec, ShardedPassRunner
 
     torch.manual_seed(0)
     pipe = build(kind, channels)

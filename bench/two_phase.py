@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from nodes import GradientTrainer, StatisticalTrainer
-from nodes.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 from nodes.data import CubeDataModule
-from nodes.presets import build_channel_selector_pipeline
-from nodes.statistical_trainer import evaluate_pipeline
+from nodes.library.presets import build_channel_selector_pipeline
+from nodes.training.config import OptimizerConfig, SchedulerConfig, TrainerConfig
+from nodes.training.statistical_trainer import evaluate_pipeline
 
 if TYPE_CHECKING:
     from nodes import AnomalyDetectionMetrics, Node

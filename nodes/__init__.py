@@ -9,19 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nodes.base import Node
-    from nodes.config import (
-        CallbacksConfig,
-        EarlyStoppingConfig,
-        LearningRateMonitorConfig,
-        ModelCheckpointConfig,
-        OptimizerConfig,
-        SchedulerConfig,
-        TrainerConfig,
-        TrainingConfig,
-    )
     from nodes.data import CubeDataModule, SingleCu3sDataModule
-    from nodes.data_node import AnomalyDataNode
     from nodes.errors import (
         ConfigError,
         CubelineError,
@@ -31,38 +19,50 @@ if TYPE_CHECKING:
         PortConnectionError,
         TrainingError,
     )
-    from nodes.gradient_trainer import GradientTrainer
-    from nodes.heads import BinaryDecider, ScoreToLogit
-    from nodes.losses import AnomalyBCEWithLogits
-    from nodes.metrics import AnomalyDetectionMetrics
-    from nodes.normalization import MinMaxNormalizer
-    from nodes.pca import TrainablePCA
-    from nodes.pipeline import Pipeline, PipelineMetadata
-    from nodes.ports import PortSpec
-    from nodes.registry import NODE_REGISTRY, register_node
-    from nodes.rx import RXGlobal
-    from nodes.selector import SoftChannelSelector
-    from nodes.statistical_trainer import FitReport, StatisticalTrainer
+    from nodes.graph.base import Node
+    from nodes.graph.pipeline import Pipeline, PipelineMetadata
+    from nodes.graph.ports import PortSpec
+    from nodes.graph.registry import NODE_REGISTRY, register_node
+    from nodes.library.data_node import AnomalyDataNode
+    from nodes.library.heads import BinaryDecider, ScoreToLogit
+    from nodes.library.losses import AnomalyBCEWithLogits
+    from nodes.library.metrics import AnomalyDetectionMetrics
+    from nodes.library.normalization import MinMaxNormalizer
+    from nodes.library.pca import TrainablePCA
+    from nodes.library.rx import RXGlobal
+    from nodes.library.selector import SoftChannelSelector
+    from nodes.training.config import (
+        CallbacksConfig,
+        EarlyStoppingConfig,
+        LearningRateMonitorConfig,
+        ModelCheckpointConfig,
+        OptimizerConfig,
+        SchedulerConfig,
+        TrainerConfig,
+        TrainingConfig,
+    )
+    from nodes.training.gradient_trainer import GradientTrainer
+    from nodes.training.statistical_trainer import FitReport, StatisticalTrainer
 
 _EXPORTS: dict[str, str] = {
-    "Node": "nodes.base",
-    "AnomalyDataNode": "nodes.data_node",
-    "BinaryDecider": "nodes.heads",
-    "ScoreToLogit": "nodes.heads",
-    "AnomalyBCEWithLogits": "nodes.losses",
-    "AnomalyDetectionMetrics": "nodes.metrics",
-    "MinMaxNormalizer": "nodes.normalization",
-    "TrainablePCA": "nodes.pca",
-    "Pipeline": "nodes.pipeline",
-    "PipelineMetadata": "nodes.pipeline",
-    "PortSpec": "nodes.ports",
-    "NODE_REGISTRY": "nodes.registry",
-    "register_node": "nodes.registry",
-    "RXGlobal": "nodes.rx",
-    "SoftChannelSelector": "nodes.selector",
-    "FitReport": "nodes.statistical_trainer",
-    "StatisticalTrainer": "nodes.statistical_trainer",
-    "GradientTrainer": "nodes.gradient_trainer",
+    "Node": "nodes.graph.base",
+    "AnomalyDataNode": "nodes.library.data_node",
+    "BinaryDecider": "nodes.library.heads",
+    "ScoreToLogit": "nodes.library.heads",
+    "AnomalyBCEWithLogits": "nodes.library.losses",
+    "AnomalyDetectionMetrics": "nodes.library.metrics",
+    "MinMaxNormalizer": "nodes.library.normalization",
+    "TrainablePCA": "nodes.library.pca",
+    "Pipeline": "nodes.graph.pipeline",
+    "PipelineMetadata": "nodes.graph.pipeline",
+    "PortSpec": "nodes.graph.ports",
+    "NODE_REGISTRY": "nodes.graph.registry",
+    "register_node": "nodes.graph.registry",
+    "RXGlobal": "nodes.library.rx",
+    "SoftChannelSelector": "nodes.library.selector",
+    "FitReport": "nodes.training.statistical_trainer",
+    "StatisticalTrainer": "nodes.training.statistical_trainer",
+    "GradientTrainer": "nodes.training.gradient_trainer",
     "CubeDataModule": "nodes.data",
     "SingleCu3sDataModule": "nodes.data",
     **dict.fromkeys(
@@ -74,7 +74,7 @@ _EXPORTS: dict[str, str] = {
         ["CallbacksConfig", "EarlyStoppingConfig", "LearningRateMonitorConfig",
          "ModelCheckpointConfig", "OptimizerConfig", "SchedulerConfig", "TrainerConfig",
          "TrainingConfig"],
-        "nodes.config",
+        "nodes.training.config",
     ),
 }
 

@@ -2,7 +2,7 @@
 
 One section per flow/step (Kedro's habit); each model forbids unknown keys, so a misspelt knob
 fails when the file is read, with a message naming the dotted field, ``params.yaml`` and the
-section. Phase 2 reuses :class:`nodes.config.TrainingConfig` as is.
+section. Phase 2 reuses :class:`nodes.training.config.TrainingConfig` as is.
 
 :func:`section_hash` gives a stable digest of one section's *validated* content (defaults filled
 in, keys sorted): the task cache keys use it, so editing a comment or reordering keys does not
@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from nodes.config import ConfigModel, TrainingConfig
 from nodes.errors import ConfigError
+from nodes.training.config import ConfigModel, TrainingConfig
 from tasks.registry import GateConfig
 
 PARAMS_FILE = "params.yaml"
@@ -57,7 +57,7 @@ class DataParams(ConfigModel):
 
 
 class PipelineParams(ConfigModel):
-    """The channel-selector pipeline (:func:`nodes.presets.build_channel_selector_pipeline`)."""
+    """The guide's pipeline (:func:`~nodes.library.presets.build_channel_selector_pipeline`)."""
 
     name: str = "Channel_Selector"
     n_select: Annotated[int, Field(ge=1)] = 10
@@ -89,14 +89,14 @@ class Phase1Params(ConfigModel):
 
 
 class ThresholdParams(ConfigModel):
-    """Decision-threshold calibration on the validation frames (:mod:`nodes.threshold`)."""
+    """Decision-threshold calibration on the validation frames (:mod:`nodes.training.threshold`)."""
 
     method: Literal["auto", "fpr", "max_f1"] = "fpr"
     target_fpr: Annotated[float, Field(gt=0, lt=1)] = 0.01
 
 
 class DriftParams(ConfigModel):
-    """Drift thresholds (:class:`nodes.drift.DriftThresholds`) and what drift_watch reads."""
+    """Drift thresholds (:class:`~nodes.training.drift.DriftThresholds`), what drift_watch reads."""
 
     ridge: PositiveFloat = 1e-2
     mean_shift: PositiveFloat = 1.5
@@ -107,8 +107,8 @@ class DriftParams(ConfigModel):
     min_criteria: Annotated[int, Field(ge=1, le=3)] = 1
 
     def thresholds(self) -> Any:
-        """The :class:`nodes.drift.DriftThresholds` of this section."""
-        from nodes.drift import DriftThresholds
+        """The :class:`nodes.training.drift.DriftThresholds` of this section."""
+        from nodes.training.drift import DriftThresholds
 
         return DriftThresholds(**self.model_dump())
 
@@ -129,7 +129,8 @@ class RetrainParams(ConfigModel):
     skip_unchanged: bool = True
 
 
-#: What the flows' metric node (``metrics_anomaly``, :class:`nodes.metrics.AnomalyDetectionMetrics`)
+#: What the flows' metric node (``metrics_anomaly``,
+#: :class:`nodes.library.metrics.AnomalyDetectionMetrics`)
 #: reports on the test frames: the only figures the gate can read (checked before any training).
 GATE_METRICS: tuple[str, ...] = tuple(
     f"metrics_anomaly/{k}" for k in ("iou", "f1", "precision", "recall", "ap", "auroc")

@@ -35,7 +35,7 @@ import numpy as np
 from nodes.errors import CubelineError, DataValidationError
 
 if TYPE_CHECKING:
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def load_version(model_name: str, version: str) -> LoadedModel:
     import mlflow
     import yaml
 
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
     from tasks.pyfunc_model import (
         DEFAULT_OUTPUTS,
         PIPELINE_CONFIG_ARTIFACT,

@@ -18,7 +18,8 @@ The task runner starts on the first pass and serves every pass of the fit (a log
 RX needs a second pass), so the cluster starts once per fit. Shard workers report their task
 runs to the Prefect API of the driver: an explicit ``PREFECT_API_URL`` when set, else the
 driver's temporary API server, whose URL is handed to the local workers (remote workers need a
-server they can reach; see ``docs/scaling.md``). The numerics live in :mod:`nodes.sharding`.
+server they can reach; see ``docs/scaling.md``). The numerics live in
+:mod:`nodes.training.sharding`.
 
 On Dask each shard is a Prefect task run as ``prefect_dask`` submits it (``run_task_sync`` in
 the worker), except that the driver's settings are serialized once per settings object and
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodes.errors import ConfigError, CubelineError, TrainingError
-from nodes.sharding import (
+from nodes.training.sharding import (
     ShardDataSpec,
     ShardedPassRunner,
     ShardTask,
@@ -209,17 +210,18 @@ def _dask_worker_address() -> str | None:
 
 
 def fit_statistics_shard(payload: bytes, shard_index: int = 0) -> dict[str, Any]:
-    """One shard of a Phase-1 pass (:func:`nodes.sharding.run_shard`), run as a Prefect task.
+    """One shard of a Phase-1 pass (:func:`~nodes.training.sharding.run_shard`) as a Prefect task.
 
     Args:
-        payload: The pickled :class:`~nodes.sharding.ShardTask`. Bytes, because Prefect walks
+        payload: The pickled :class:`~nodes.training.sharding.ShardTask`. Bytes, because Prefect
+        walks
             every dataclass, dict and tuple of a task's parameters on both sides looking for
             futures (frame ids, pipeline config...), and its ``quote`` wrapper does not survive
             pickling to a Dask worker (it comes back wrapped twice).
         shard_index: Only names the task run (``phase1-shard-<i>``).
 
     Returns:
-        :func:`~nodes.sharding.run_shard`'s result, plus the Dask worker that ran it
+        :func:`~nodes.training.sharding.run_shard`'s result, plus the Dask worker that ran it
         (``dask_worker``), so the next pass can send the shard back to the worker that keeps
         its frames.
     """
@@ -329,7 +331,7 @@ def task_run_context(task: Any, task_run_id: Any,
 
 
 class TaskRunnerMap:
-    """``map_fn`` of :class:`~nodes.sharding.ShardedPassRunner`: one Prefect task per item.
+    """``map_fn`` of :class:`~nodes.training.sharding.ShardedPassRunner`: one Prefect task per item.
 
     The task runner is started on the first call and kept until :meth:`close`, so every pass
     of a fit runs on the same cluster.
@@ -498,7 +500,7 @@ class TaskRunnerMap:
 
 
 class OrchestratedShardRunner(ShardedPassRunner):
-    """:class:`~nodes.sharding.ShardedPassRunner` on a :class:`TaskRunnerMap`.
+    """:class:`~nodes.training.sharding.ShardedPassRunner` on a :class:`TaskRunnerMap`.
 
     :meth:`close` makes remote workers drop the frames they kept for this fit, then stops the
     task runner (and a local cluster with it).
@@ -537,7 +539,7 @@ def make_shard_runner(sharding_cfg: Any, data_cfg: ShardDataSpec | Any, *,
     Args:
         sharding_cfg: ``phase1.sharding`` (``ShardingParams``, a mapping or
             :class:`ShardingConfig`).
-        data_cfg: The training frames: a :class:`~nodes.sharding.ShardDataSpec` or the
+        data_cfg: The training frames: a :class:`~nodes.training.sharding.ShardDataSpec` or the
             file-backed ``CubeDataModule`` of the fit.
         n_workers: Override the local Dask cluster's worker count.
 

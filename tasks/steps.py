@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from prefect.context import TaskRunContext
 
     from nodes.data.datamodule import CubeDataModule
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -455,7 +455,7 @@ def build_pipeline(
         selector_mode: ``hard`` / ``soft``; None: ``params.pipeline.selector_mode`` (``auto``
             there must be resolved first: the initialization state records the mode it chose).
     """
-    from nodes.presets import build_channel_selector_pipeline
+    from nodes.library.presets import build_channel_selector_pipeline
 
     pp = params.pipeline
     mode = selector_mode or pp.selector_mode
@@ -941,8 +941,8 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
     """
     from types import SimpleNamespace
 
-    from nodes.init_state import save_init_state
-    from nodes.statistical_trainer import StatisticalTrainer
+    from nodes.training.init_state import save_init_state
+    from nodes.training.statistical_trainer import StatisticalTrainer
     from tasks.sharding import shard_runner_scope
     from tasks.versioning import STATE_FILE, version_init_state
 
@@ -989,7 +989,8 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
     quality: dict[str, float] = {}
     if p.phase1.init_check != "off":
         # The guide's "validate initialization quality", in its correct form for RX: held-out
-        # normal pixels score about C on average (nodes/quality.py). refuse stops the run here.
+        # normal pixels score about C on average (nodes/training/quality.py). refuse stops the run
+        # here.
         checks = trainer.check_initialization("val", strict=p.phase1.init_check == "refuse")
         for q in checks.values():
             quality.update(q.to_metrics())
@@ -1073,7 +1074,7 @@ def _cache_put(ctx: RunContext, key: str, value: Any) -> None:
 
 def _stream_moments(dm: CubeDataModule, normal_only: bool) -> Any:
     """Raw-band moments of the training frames in one streaming pass (same pixels as Phase 1)."""
-    from nodes.stats import MomentAccumulator
+    from nodes.training.stats import MomentAccumulator
 
     acc: MomentAccumulator | None = None
     for batch in dm.train_dataloader():
@@ -1103,8 +1104,8 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
     Raises:
         DataValidationError: The frames have another band count than the champion's state.
     """
-    from nodes.drift import compare_moments, plot_drift_report
-    from nodes.init_state import read_init_info, read_init_moments
+    from nodes.training.drift import compare_moments, plot_drift_report
+    from nodes.training.init_state import read_init_info, read_init_moments
     from tasks.registry import CHAMPION, get_alias_version
     from tasks.tracking import TAG_INIT_STATE_HASH
 
@@ -1203,7 +1204,7 @@ def unfreeze(ctx: RunContext, data: DataRef, state_hash: str, reused: bool) -> P
         state_hash: DVC hash of the initialization state (fitted now, or the champion's).
         reused: The state is the champion's (Phase 1 skipped after a drift check).
     """
-    from nodes.init_state import load_init_state, read_init_info
+    from nodes.training.init_state import load_init_state, read_init_info
     from tasks.tracking import git_commit, set_lineage_tags
 
     p = ctx.params
@@ -1260,8 +1261,8 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     """
     from lightning.pytorch.callbacks import ModelSummary
 
-    from nodes.gradient_trainer import GradientTrainer
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
+    from nodes.training.gradient_trainer import GradientTrainer
     from tasks.env import quiet_lightning
 
     quiet_lightning()
@@ -1332,7 +1333,7 @@ def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any
     import numpy as np
     import torch
 
-    from nodes.metrics import AnomalyDetectionMetrics
+    from nodes.library.metrics import AnomalyDetectionMetrics
 
     metric_nodes = [n for n in pipeline.node_list() if isinstance(n, AnomalyDetectionMetrics)]
     for m in metric_nodes:
@@ -1354,8 +1355,8 @@ def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any
 @task(name="evaluate", version=STEP_VERSIONS["evaluate"], persist_result=False)
 def evaluate(ctx: RunContext, data: DataRef, trained: TrainResult) -> EvalResult:
     """Test metrics on the pinned evaluation split; ROC/PR curves, histograms, anomaly maps."""
-    from nodes.metrics import AnomalyDetectionMetrics
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
+    from nodes.library.metrics import AnomalyDetectionMetrics
     from tasks.registry import split_id_of
     from tasks.tracking import log_evaluation, write_evaluation_plots
 
@@ -1406,7 +1407,7 @@ def register_model(
     """
     import numpy as np
 
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
     from tasks.pyfunc_model import SHA256_METADATA, log_pipeline_model
     from tasks.registry import (
         TAG_FINGERPRINT,
@@ -1430,7 +1431,7 @@ def register_model(
     )
 
     def reevaluate(champion: Any, split_id: str) -> dict[str, float]:
-        from nodes.metrics import AnomalyDetectionMetrics
+        from nodes.library.metrics import AnomalyDetectionMetrics
         from tasks.serving import load_version
 
         # As data (YAML + weights_only, checked against the registered SHA-256), never as code.
@@ -1659,7 +1660,7 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
     import torch
 
     from nodes.data.datamodule import CubeDataModule
-    from nodes.statistical_trainer import StatisticalTrainer
+    from nodes.training.statistical_trainer import StatisticalTrainer
     from tasks.tracking import average_precision, roc_curve
     from tasks.versioning import ensure_data
 

@@ -8,7 +8,8 @@ per ``dvc`` CLI call, most of it start-up). A workspace that differs from ``data
 hashed exactly; the run is then marked dirty.
 
 **Initialization states.** A state is a directory holding ``init_state.pt`` and its JSON sidecar
-(:func:`nodes.init_state.save_init_state`). :func:`version_init_state` stores it as one DVC tree
+(:func:`nodes.training.init_state.save_init_state`). :func:`version_init_state` stores it as one
+DVC tree
 object -- the same content-addressed layout ``dvc add`` produces, hash ``<md5>.dir`` -- in the
 local DVC cache and pushes it to the repository's DVC remote. No ``.dvc`` file is written: the
 state's hash is recorded in MLflow (tag ``cubeline.init_state_hash``), which is the index of
@@ -391,7 +392,7 @@ def version_init_state(state_dir: Path, *, root: Path, remote: str | None, state
     if files != sorted([STATE_FILE, STATE_META]):
         raise ConfigError(
             f"{state_dir} must hold exactly {STATE_FILE} and {STATE_META} (found {files}); "
-            "write them with nodes.init_state.save_init_state"
+            "write them with nodes.training.init_state.save_init_state"
         )
     state_hash = store_tree(state_dir, root=root, remote=remote, what="init state")
     _move_into_place(state_dir, states_dir / _folder(state_hash))

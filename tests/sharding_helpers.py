@@ -18,7 +18,7 @@ from nodes import (
     ScoreToLogit,
     SoftChannelSelector,
 )
-from nodes.stats import MomentState
+from nodes.training.stats import MomentState
 
 
 def write_npz(directory: Path, cubes: Sequence[np.ndarray],

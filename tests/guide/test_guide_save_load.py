@@ -25,7 +25,7 @@ from nodes import (
     StatisticalTrainer,
     TrainerConfig,
 )
-from nodes.init_state import read_init_info, save_init_state
+from nodes.training.init_state import read_init_info, save_init_state
 from tests.guide.helpers import BANDS, build_guide_pipeline
 
 Check = Callable[..., None]

@@ -22,8 +22,8 @@ from nodes import (
     TrainerConfig,
 )
 from nodes.data import CubeDataModule
-from nodes.presets import build_channel_selector_pipeline
-from nodes.stats import MomentAccumulator
+from nodes.library.presets import build_channel_selector_pipeline
+from nodes.training.stats import MomentAccumulator
 
 pytestmark = [
     pytest.mark.gpu,

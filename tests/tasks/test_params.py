@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodes.config import TrainingConfig
-from nodes.drift import DriftThresholds
 from nodes.errors import ConfigError
+from nodes.training.config import TrainingConfig
+from nodes.training.drift import DriftThresholds
 from tasks.params import Params, load_params, resolve_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_gate_metric_typo_is_refused_before_anything_runs(tmp_path: Path) -> Non
 def test_gate_metrics_are_what_the_metric_node_reports() -> None:
     import torch
 
-    from nodes.metrics import AnomalyDetectionMetrics
+    from nodes.library.metrics import AnomalyDetectionMetrics
     from tasks.params import GATE_METRICS
 
     node = AnomalyDetectionMetrics(name="metrics_anomaly")

@@ -34,7 +34,7 @@ def _frames() -> tuple[np.ndarray, np.ndarray]:
 def fitted() -> Any:
     from nodes import StatisticalTrainer
     from nodes.data import CubeDataModule
-    from nodes.presets import build_channel_selector_pipeline
+    from nodes.library.presets import build_channel_selector_pipeline
 
     cubes, masks = _frames()
     dm = CubeDataModule.from_arrays(cubes, masks, [0], [1], [2], batch_size=1)

@@ -3,7 +3,7 @@
 Covers tasks/sharding.py.
 
 (Named ``test_sharding_dask.py``, not ``test_sharding.py``: pytest's default import mode cannot
-collect two test modules of one basename, and ``tests/nodes/test_sharding.py`` exists.)
+collect two test modules of one basename, and ``tests/nodes/training/test_sharding.py`` exists.)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from nodes import (
     StatisticalTrainer,
 )
 from nodes.data import CubeDataModule
-from nodes.sharding import ShardDataSpec, ShardedPassRunner
-from nodes.stats import MomentState
+from nodes.training.sharding import ShardDataSpec, ShardedPassRunner
+from nodes.training.stats import MomentState
 from tasks.env import WORKER_MALLOPT, disable_telemetry
 from tasks.params import ShardingParams
 from tasks.sharding import (

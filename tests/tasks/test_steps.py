@@ -116,7 +116,7 @@ def test_cache_key_moves_with_data_params_code_and_repo(
 def test_fit_then_unfreeze_from_the_versioned_state(
     repo: Path, data: DataRef, tmp_path: Path
 ) -> None:
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
 
     init = fit_statistics.fn(_ctx(repo), data)
     assert init.state_hash.endswith(".dir") and init.source_data_hash == data.data_hash
@@ -268,8 +268,8 @@ def test_runs_left_running_by_dead_processes_are_marked_killed(repo: Path) -> No
 def test_selector_mode_auto_keeps_the_reading_with_the_higher_val_ap(
     repo: Path, data: DataRef, tmp_path: Path
 ) -> None:
-    from nodes.init_state import read_init_info
-    from nodes.pipeline import Pipeline
+    from nodes.graph.pipeline import Pipeline
+    from nodes.training.init_state import read_init_info
     from tasks.steps import _restore_state
 
     edit_params(repo, pipeline={"selector_mode": "auto"})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodes.init_state import load_init_state
+from nodes.training.init_state import load_init_state
 from tasks.steps import RunContext, fit_statistics, load_cubes
 from tasks.versioning import restore_init_state
 from tests.flows.helpers import FAST_PARAMS, copy_repo, edit_params

@@ -1,0 +1,402 @@
+"""Streaming, mergeable float64 moment accumulators: the statistical contract of Phase 1.
+
+An accumulator holds ``(n, mean, M2, min, max)`` per channel, where ``M2`` is the centred Gram
+matrix ``sum (x - mean)(x - mean)^T``. Batches are folded in with the pairwise update of
+Chan, Golub & LeVeque (1979), which is also the exact merge of two partial states; a batch's own
+``M2`` is one float64 matrix product, so Phase 1 runs at GEMM speed instead of the per-sample
+Welford (1962) loop. States are plain tensor dicts: they can be checkpointed, sent between
+processes (Dask workers, DDP ranks) and merged in any order to float64 rounding.
+
+Because first and second moments push exactly through affine maps ``y = A x + b``
+(``mean_y = A mean + b``, ``M2_y = A M2 A^T``), one pass over the raw data is enough to fit a
+chain of statistical nodes linked by affine nodes (see :mod:`nodes.training.statistical_trainer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_F64 = torch.float64
+
+#: Pixels per CPU chunk: the float64 scratch copy (chunk * C * 8 bytes) stays in cache.
+DEFAULT_CHUNK = 1 << 13
+
+
+@dataclass(frozen=True)
+class MomentState:
+    """Sufficient statistics of a set of C-dimensional samples (all float64).
+
+    Attributes:
+        n: Number of samples, a 0-d float64 tensor (float so merges stay in one dtype).
+        mean: Per-channel mean, shape (C,).
+        m2: Centred Gram matrix ``sum (x - mean)(x - mean)^T``, shape (C, C).
+        min: Per-channel minimum, shape (C,); ``+inf`` where unknown or empty.
+        max: Per-channel maximum, shape (C,); ``-inf`` where unknown or empty.
+    """
+
+    n: Tensor
+    mean: Tensor
+    m2: Tensor
+    min: Tensor
+    max: Tensor
+
+    @property
+    def num_channels(self) -> int:
+        """Number of channels C."""
+        return int(self.mean.shape[0])
+
+    @property
+    def count(self) -> int:
+        """Number of samples as a Python int."""
+        return int(self.n.item())
+
+    @property
+    def has_minmax(self) -> bool:
+        """Whether min/max are known (they are lost through channel-mixing maps)."""
+        return bool(torch.isfinite(self.min).all() and torch.isfinite(self.max).all())
+
+    @classmethod
+    def empty(cls, num_channels: int, device: torch.device | str | None = None) -> MomentState:
+        """The state of zero samples (the identity of :meth:`merge`)."""
+        c = num_channels
+        return cls(
+            n=torch.zeros((), dtype=_F64, device=device),
+            mean=torch.zeros(c, dtype=_F64, device=device),
+            m2=torch.zeros(c, c, dtype=_F64, device=device),
+            min=torch.full((c,), float("inf"), dtype=_F64, device=device),
+            max=torch.full((c,), float("-inf"), dtype=_F64, device=device),
+        )
+
+    @classmethod
+    def from_samples(cls, x: Tensor, *, chunk: int | None = None) -> MomentState:
+        """Moments of the rows of ``x`` (N, C), computed in float64 chunks."""
+        acc = MomentAccumulator(int(x.shape[-1]), device=x.device, chunk=chunk)
+        acc.update(x)
+        return acc.state
+
+    def cov(self, ddof: int = 1) -> Tensor:
+        """Covariance matrix ``M2 / (n - ddof)`` (C, C)."""
+        denom = self.n - ddof
+        if denom.item() <= 0:
+            raise ValueError(f"covariance needs more than {ddof} samples, got {self.count}")
+        return self.m2 / denom
+
+    def var(self, ddof: int = 1) -> Tensor:
+        """Per-channel variance (C,)."""
+        return torch.diagonal(self.cov(ddof)).clone()
+
+    def merge(self, other: MomentState) -> MomentState:
+        """Exact combination of two states (Chan, Golub & LeVeque 1979)."""
+        if other.num_channels != self.num_channels:
+            raise ValueError(
+                f"cannot merge moments of {self.num_channels} and {other.num_channels} channels"
+            )
+        other = other.to(self.mean.device)
+        n_a, n_b = self.n, other.n
+        n = n_a + n_b
+        # Branch-free, so merging on a GPU never waits for a device-to-host copy: an empty side
+        # gives w = 0 (keep self) or w = 1 (take other), exactly, since empty means are zeros.
+        delta = other.mean - self.mean
+        w = n_b / n.clamp_min(1.0)
+        mean = self.mean + delta * w
+        m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (n_a * w)
+        return MomentState(
+            n=n,
+            mean=mean,
+            m2=m2,
+            min=torch.minimum(self.min, other.min),
+            max=torch.maximum(self.max, other.max),
+        )
+
+    def affine(
+        self, a: Tensor, b: Tensor | None = None, *, keeps_minmax: bool = False
+    ) -> MomentState:
+        """Moments of ``y = A x + b`` given the moments of ``x``.
+
+        Args:
+            a: Map of shape (K, C), (C,) for a per-channel (diagonal) scale, or () for one scale.
+            b: Offset of shape (K,) or (), or None.
+            keeps_minmax: For a diagonal ``a`` with non-negative entries min/max map exactly;
+                otherwise they become unknown.
+        """
+        a = a.to(device=self.mean.device, dtype=_F64)
+        if a.ndim == 0:  # one scale for every channel
+            a = a.expand(self.num_channels)
+        bb = None if b is None else b.to(device=self.mean.device, dtype=_F64)
+        if bb is not None and bb.ndim == 0:
+            bb = bb.expand(a.shape[0])
+        if a.ndim == 1:
+            mean = self.mean * a
+            m2 = self.m2 * torch.outer(a, a)
+            if keeps_minmax and bool((a >= 0).all()):
+                lo, hi = self.min * a, self.max * a
+            else:
+                lo = torch.full_like(mean, float("inf"))
+                hi = torch.full_like(mean, float("-inf"))
+        else:
+            mean = a @ self.mean
+            m2 = a @ self.m2 @ a.T
+            lo = torch.full_like(mean, float("inf"))
+            hi = torch.full_like(mean, float("-inf"))
+        if bb is not None:
+            mean = mean + bb
+            lo, hi = lo + bb, hi + bb
+        return MomentState(n=self.n, mean=mean, m2=(m2 + m2.T) * 0.5, min=lo, max=hi)
+
+    def to(self, device: torch.device | str) -> MomentState:
+        """The same state on another device."""
+        return MomentState(*(t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return (self.n, self.mean, self.m2, self.min, self.max)
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """A plain tensor dict (checkpointable, loadable with ``weights_only=True``)."""
+        return {
+            "n": self.n.detach().cpu(),
+            "mean": self.mean.detach().cpu(),
+            "m2": self.m2.detach().cpu(),
+            "min": self.min.detach().cpu(),
+            "max": self.max.detach().cpu(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Tensor]) -> MomentState:
+        """Inverse of :meth:`to_dict`."""
+        missing = {"n", "mean", "m2", "min", "max"} - set(d)
+        if missing:
+            raise KeyError(f"moment state lacks keys {sorted(missing)}")
+        return cls(*(d[k].to(_F64) for k in ("n", "mean", "m2", "min", "max")))
+
+
+_FUSED: ModuleType | None = None
+_FUSED_TRIED = False
+
+
+def _fused_backend() -> ModuleType | None:
+    """The fused Triton kernel module (:mod:`nodes.training.stats_cuda`), or None without Triton."""
+    global _FUSED, _FUSED_TRIED
+    if not _FUSED_TRIED:
+        _FUSED_TRIED = True
+        try:
+            from nodes import stats_cuda
+        except ImportError:
+            _FUSED = None
+        else:
+            _FUSED = stats_cuda
+    return _FUSED
+
+
+class MomentAccumulator:
+    """Streaming accumulator of :class:`MomentState` with ``update / merge / finalize``.
+
+    Each ``update`` shifts the batch by a reference point near the mean (the running mean),
+    converts it to float64 chunk by chunk, and sums its Gram matrix ``Y^T Y`` and column sums
+    with one float64 matrix product per chunk; the centred ``M2`` follows as
+    ``Y^T Y - n ybar ybar^T`` (no cancellation, since the shift sits near the mean), and the
+    batch's state is merged with the Chan et al. formula. Per pixel that is the cost of
+    ``X^T X`` plus a cheap copy.
+
+    On CUDA, where Triton is installed, one fused kernel (:mod:`nodes.training.stats_cuda`) reads
+    each
+    sample once and sums the same float64 quantities (no scratch copy; ``chunk`` does not apply);
+    elsewhere the torch path below runs.
+
+    Args:
+        num_channels: Number of channels C.
+        device: Device of the state.
+        chunk: Pixels per GEMM; bounds the float64 scratch buffer to ``chunk * C * 8`` bytes.
+            Default: 8192 on the CPU (cache-resident), 1048576 on CUDA (fewer launches).
+        track_minmax: Also track per-channel min/max.
+        fused: Use the fused Triton kernel for CUDA samples where it is available; False keeps
+            the torch path (chunked float64 GEMMs).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        device: torch.device | str | None = None,
+        chunk: int | None = None,
+        track_minmax: bool = True,
+        fused: bool = True,
+    ) -> None:
+        self.num_channels = num_channels
+        self.chunk = chunk
+        self.track_minmax = track_minmax
+        self.fused = fused
+        self.state = MomentState.empty(num_channels, device=device)
+        self._buf: Tensor | None = None
+        # (state, its sample count) as last set by update: spares a device read of n.
+        self._count: tuple[MomentState, int] | None = (self.state, 0)
+
+    def update(self, x: Tensor) -> None:
+        """Fold samples ``x`` of shape (N, C) (any float dtype) into the state."""
+        if x.ndim != 2 or x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"expected samples of shape (N, {self.num_channels}), got {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            return
+        known = self._known_count()
+        if x.device != self.state.mean.device:
+            self.state = self.state.to(x.device)
+        shift = self._shift(x, known)
+        n = x.shape[0]
+        fused = _fused_backend() if x.is_cuda and self.fused else None
+        if fused is not None and fused.supports(x):
+            # One read of x; the batch's state is built and merged on the device (no host sync).
+            self.state = MomentState(*fused.fold(self.state._tensors(), x.detach(), shift,
+                                                 track_minmax=self.track_minmax))
+            self._count = None if known is None else (self.state, known + n)
+            return
+        if x.device.type == "cpu":
+            ysum, gram, lo, hi = self._cpu_sums(x.detach().contiguous(), shift)
+        else:
+            ysum, gram, lo, hi = self._torch_sums(x.detach(), shift)
+        ybar = ysum / n
+        m2 = gram - torch.outer(ybar, ybar) * n
+        c = self.num_channels
+        batch = MomentState(
+            # torch.full, not torch.tensor: a host-to-device copy would wait for the GPU.
+            n=torch.full((), float(n), dtype=_F64, device=x.device),
+            mean=shift + ybar,
+            m2=(m2 + m2.T) * 0.5,
+            min=lo if lo is not None else torch.full((c,), float("inf"), dtype=_F64,
+                                                     device=x.device),
+            max=hi if hi is not None else torch.full((c,), float("-inf"), dtype=_F64,
+                                                     device=x.device),
+        )
+        self.state = self.state.merge(batch)
+        self._count = None if known is None else (self.state, known + n)
+
+    def _known_count(self) -> int | None:
+        """Samples in the state, where the host knows them without reading the device.
+
+        Known while the state is the empty start or the one the last update left; None after a
+        merge, a load or an outside assignment.
+        """
+        if self._count is not None and self._count[0] is self.state:
+            return self._count[1]
+        return None
+
+    def _shift(self, x: Tensor, known: int | None) -> Tensor:
+        """Reference point of a batch: the running mean, or the batch head's mean at first.
+
+        Subtracted before the sums so they carry no large offset; it is fixed for the batch, so
+        the chunks add up exactly. Where the host does not know whether the state is empty, the
+        choice is made on the device (no host sync).
+        """
+        if known is not None and known > 0:
+            return self.state.mean
+        head = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
+        if known == 0:
+            return head
+        return torch.where(self.state.n > 0, self.state.mean, head)
+
+    def _torch_sums(
+        self, x: Tensor, shift: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Column sums, Gram matrix and min/max of ``x - shift`` in float64 chunks (CUDA).
+
+        Per chunk: one kernel shifts and converts into a reused contiguous float64 buffer, one
+        GEMM accumulates the Gram matrix in place, and the column sums are read off the float32
+        input with float64 accumulation (half the bytes of summing the float64 copy).
+        """
+        c = self.num_channels
+        chunk = min(self.chunk or (1 << 20), x.shape[0])
+        buf = self._buf
+        if buf is None or buf.shape[0] < chunk or buf.device != x.device:
+            buf = torch.empty(chunk, c, dtype=_F64, device=x.device)
+            self._buf = buf
+        gram = torch.zeros(c, c, dtype=_F64, device=x.device)
+        raw = torch.zeros(c, dtype=_F64, device=x.device)
+        lo = hi = None
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start : start + chunk]
+            y = torch.sub(xc, shift, out=buf[: xc.shape[0]])
+            gram.addmm_(y.T, y)
+            raw += xc.sum(dim=0, dtype=_F64)
+            if self.track_minmax:
+                clo, chi = torch.aminmax(xc, dim=0)
+                lo = clo if lo is None else torch.minimum(lo, clo)
+                hi = chi if hi is None else torch.maximum(hi, chi)
+        ysum = raw - shift * x.shape[0]
+        return (ysum, gram,
+                None if lo is None else lo.to(_F64), None if hi is None else hi.to(_F64))
+
+    def _cpu_sums(
+        self, x: Tensor, shift: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Column sums, Gram matrix and min/max of ``x - shift`` in float64, on the CPU.
+
+        Each chunk is written, shifted and converted, next to a column of ones in a reused
+        (chunk, C + 1) buffer small enough to stay in cache; one BLAS ``dsyrk`` per chunk
+        (symmetric rank-k update: half the flops of a general product, the routine NumPy uses for
+        ``a.T @ a``) adds its Gram matrix *and* its column sums (the last row) into one
+        accumulator in place.
+        """
+        from scipy.linalg.blas import dsyrk
+
+        n, c = x.shape
+        chunk = self.chunk or DEFAULT_CHUNK
+        buf = self._buf
+        if buf is None or buf.shape[0] < min(n, chunk):
+            buf = torch.empty(min(n, chunk), c + 1, dtype=_F64)
+            buf[:, c] = 1.0
+            self._buf = buf
+        b_all = buf.numpy()
+        xn = x.numpy()
+        sn = shift.numpy()
+        acc = np.zeros((c + 1, c + 1), order="F")
+        lo = np.full(c, np.inf)
+        hi = np.full(c, -np.inf)
+        for start in range(0, n, chunk):
+            xc = xn[start : start + chunk]
+            b = b_all[: xc.shape[0]]
+            np.subtract(xc, sn, out=b[:, :c])
+            # The C-order (rows, C+1) block is the Fortran-order matrix B^T: syrk adds B^T B.
+            acc = dsyrk(1.0, b.T, beta=1.0, c=acc, trans=0, lower=1, overwrite_c=1)
+            if self.track_minmax:
+                np.minimum(lo, xc.min(axis=0), out=lo)
+                np.maximum(hi, xc.max(axis=0), out=hi)
+        full = torch.from_numpy(np.tril(acc) + np.tril(acc, -1).T)
+        gram, ysum = full[:c, :c].contiguous(), full[c, :c].clone()
+        if not self.track_minmax:
+            return ysum, gram, None, None
+        return ysum, gram, torch.from_numpy(lo), torch.from_numpy(hi)
+
+    def merge(self, other: MomentAccumulator | MomentState) -> None:
+        """Merge another accumulator's (or a raw state's) samples into this one."""
+        st = other.state if isinstance(other, MomentAccumulator) else other
+        self.state = self.state.merge(st)
+
+    def finalize(self) -> MomentState:
+        """The accumulated state (the accumulator stays usable)."""
+        return self.state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Checkpointable state."""
+        return self.state.to_dict()
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.state = MomentState.from_dict(d)
+
+
+def merge_all(states: list[MomentState]) -> MomentState:
+    """Merge a list of states pairwise (tree order keeps rounding error low)."""
+    if not states:
+        raise ValueError("merge_all needs at least one state")
+    items = list(states)
+    while len(items) > 1:
+        items = [
+            items[i].merge(items[i + 1]) if i + 1 < len(items) else items[i]
+            for i in range(0, len(items), 2)
+        ]
+    return items[0]
