@@ -348,7 +348,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cubeline predict FILES``: anomaly maps from the champion."""
-    from tasks.steps import predict_cubes
+    from tasks.predict import predict_cubes
 
     scored = predict_cubes(_params_path(args), args.paths, Path(args.out), alias=args.alias)
     print(f"scored by {scored.model_uri} (version {scored.version}, alias {args.alias})")
@@ -383,7 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_phase1(args: argparse.Namespace) -> int:
     """``cubeline phase1``: Phase 1 alone on the session, per-frame AUC/AP and timing."""
-    from tasks.steps import phase1_report
+    from tasks.predict import phase1_report
 
     rep = phase1_report(_params_path(args))
     if args.json:

@@ -121,8 +121,8 @@ def test_run_leaves_git_tree_unchanged(trained: tuple[Path, object, str]) -> Non
 
 
 def test_predict_with_champion(trained: tuple[Path, object, str], tmp_path: Path) -> None:
+    from tasks.predict import predict_cubes
     from tasks.registry import RegistryError
-    from tasks.steps import predict_cubes
 
     root, _, _ = trained
     frame = root / "data" / "session" / "abu-urban-5.mat"
@@ -230,8 +230,8 @@ def test_predict_replaces_planted_links_and_refuses_changed_models(
     trained: tuple[Path, object, str], tmp_path: Path
 ) -> None:
     """Outputs never write through a link; a model changed in the artifact store never loads."""
+    from tasks.predict import predict_cubes
     from tasks.registry import RegistryError
-    from tasks.steps import predict_cubes
 
     root, _, _ = trained
     frame = root / "data" / "session" / "abu-urban-5.mat"

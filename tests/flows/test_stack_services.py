@@ -82,7 +82,8 @@ def test_status_secrets_and_loopback(stack_dir: Path) -> None:
 
 _HOLD = """
 import sys, time, os
-from tasks.registry import _registry_lock, RegistryError
+from tasks.registry import RegistryError
+from tasks.registry.lock import _registry_lock
 t0 = time.monotonic()
 try:
     with _registry_lock(float(sys.argv[2])):

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 
 from nodes.errors import DataValidationError
+from tasks.predict import predict_cubes
 from tasks.steps import (
     DataRef,
     RunContext,
-    _step_key,
     drift_check,
     fit_statistics,
     load_cubes,
-    predict_cubes,
     tracked_run,
     unfreeze,
 )
+from tasks.steps.cache import step_key
 from tests.flows.helpers import FAST_PARAMS, copy_repo, edit_params
 
 
@@ -83,7 +83,7 @@ def test_data_version_is_read_with_its_own_split(
 
 
 def _key_of(task: Any, ctx: RunContext, **params: Any) -> str:
-    key_fn = _step_key(("data", "pipeline", "phase1"))
+    key_fn = step_key(("data", "pipeline", "phase1"))
     return key_fn(SimpleNamespace(task=task), {"ctx": ctx, **params})  # type: ignore[arg-type]
 
 
@@ -190,11 +190,11 @@ def test_step_cache_is_json_checked_not_code(repo: Path, data: DataRef) -> None:
     """A tampered cache entry is a miss (refit), never executed; a valid one is reused."""
     import pickle
 
-    from tasks.steps import _cache_file
+    from tasks.steps.cache import cache_file
 
     ctx = _ctx(repo)
     first = fit_statistics.fn(ctx, data)
-    entries = list(_cache_file(ctx, "x").parent.glob("*.json"))
+    entries = list(cache_file(ctx, "x").parent.glob("*.json"))
     assert entries and all(json.loads(p.read_text())["state_hash"] for p in entries)
     marker = repo / "pwned"
     payload = pickle.dumps(eval)  # stands for any pickle: never unpickled
@@ -270,13 +270,13 @@ def test_selector_mode_auto_keeps_the_reading_with_the_higher_val_ap(
 ) -> None:
     from nodes.graph.pipeline import Pipeline
     from nodes.training.init_state import read_init_info
-    from tasks.steps import _restore_state
+    from tasks.steps.data import restore_state
 
     edit_params(repo, pipeline={"selector_mode": "auto"})
     try:
         ctx = _ctx(repo)
         init = fit_statistics.fn(ctx, data, use_cache=False)
-        extra = read_init_info(_restore_state(ctx, init.state_hash)).extra
+        extra = read_init_info(restore_state(ctx, init.state_hash)).extra
         aps = extra["selector_mode_val_ap"]
         assert set(aps) == {"soft", "hard"} and all(0 < v <= 1 for v in aps.values())
         assert extra["selector_mode"] == max(aps, key=aps.get)
