@@ -14,7 +14,7 @@ background, exactly as an operator would (see docs/orchestration.md):
 
 Prints progress on stderr and one JSON object on the last line of stdout. Needs ~3-5 minutes.
 
-    .venv/bin/python bench/loop.py [--requests 50] [--batch 8] [--clients 2]
+    .venv/bin/python -m bench.loop [--requests 50] [--batch 8] [--clients 2]
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import scipy.io

@@ -20,7 +20,7 @@ The last line of stdout is one JSON object with ``overhead_fraction`` =
 ``cold - direct``; on a shared machine ``overhead_fraction_median_of_rounds`` (each round's pair
 ran back to back) is the steadier figure. Usage::
 
-    .venv/bin/python bench/orchestration.py [--repeat N] [--epochs E]
+    .venv/bin/python -m bench.orchestration [--repeat N] [--epochs E]
 """
 
 from __future__ import annotations
@@ -37,16 +37,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.flows.helpers import (  # noqa: E402
+from tests.flows.helpers import (
     copy_repo,
     edit_params,
     free_port,
     prefect_server_command,
     wait_healthy,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:
     from nodes import AnomalyDetectionMetrics, Node
@@ -189,7 +188,7 @@ def main() -> None:
         # Interleaved, so that a change in the machine's load hits every variant alike.
         for i in range(args.repeat):
             root = _copy(base, f"direct{i}", args.epochs)
-            secs, out = _timed([py, __file__, "--direct", str(root)], REPO, env)
+            secs, out = _timed([py, "-m", "bench.orchestration", "--direct", str(root)], REPO, env)
             if not times["direct"] or secs < min(times["direct"]):
                 direct_out = out  # the step times of the fastest round, reported with it
             times["direct"].append(secs)

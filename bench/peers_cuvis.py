@@ -26,16 +26,11 @@ built
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from peers import (
     Data,
     batch_slices,

@@ -1,7 +1,9 @@
 """Phase 1 and RX scoring on CUDA, and Phase 1 across DDP ranks.
 
-Single process (``python bench/phase1_gpu.py``): Phase 1 of normalizer → selector → RX at C = 61
-from device-resident batches and end to end from pinned host memory, plus RX scoring throughput
+Single process (``python bench/phase1_gpu.py``; from a bare checkout without the package
+installed, as on the lent GPU machine, ``PYTHONPATH=. python bench/phase1_gpu.py``): Phase 1 of
+normalizer → selector → RX at C = 61 from device-resident batches and end to end from
+pinned host memory, plus RX scoring throughput
 at C = 61 and C = 205. Under ``torchrun --nproc_per_node 2``: every rank folds in its shard of
 the batches, the moment states are all-gathered and merged, and rank 0 compares the result with a
 single-process fit of the same data. Prints one JSON object on its last line.
@@ -18,15 +20,12 @@ import argparse
 import inspect
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runs from a bare checkout too (the GPU machine has no install)
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from synthetic import TensorBatches, make_cubes_torch  # noqa: E402

@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,8 +44,6 @@ from pathlib import Path
 from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SCENES = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
 #: split -> (train ids, val ids, test ids), ids into SCENES.

@@ -16,7 +16,7 @@
 The scenario is ``tests/flows/team.py`` (also run by ``tests/flows/test_stack.py``). Progress on
 stderr, one JSON object on the last line of stdout. Needs PostgreSQL 15 and ~5 minutes.
 
-    .venv/bin/python bench/team.py
+    .venv/bin/python -m bench.team
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.env import cpu_model, disable_telemetry
 from tests.flows.team import embedded_run, scenario, stack_parent

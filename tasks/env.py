@@ -1,7 +1,7 @@
 """Process environment for the orchestration layer: telemetry off, repository root, lazy imports.
 
-Every switch below was measured to be needed for a run that opens no connection outside loopback
-(see ``../shared/STACK.md``). They must be in ``os.environ`` *before* prefect, mlflow or dvc are
+Every switch below is needed for a run that opens no connection outside loopback (each library
+phones home by default). They must be in ``os.environ`` *before* prefect, mlflow or dvc are
 imported, because each library reads its settings at import time; the CLI therefore calls
 :func:`disable_telemetry` first thing, and ``tasks/__init__.py`` calls it on import.
 """

@@ -12,10 +12,10 @@ importing ``tasks.pyfunc_model`` normally has no side effect. The file therefore
 from ``tasks`` at module level (``tasks`` is not shipped with the model).
 
 Requirements are given explicitly, pinned to the versions installed at logging time: MLflow's
-inference of them costs ~9 s per call here (``../shared/STACK.md``). MLflow then checks those pins
+own inference of them imports and traces the model, which is slow. MLflow then checks those pins
 against the environment (at logging and at loading) by mapping every installed distribution's
-files to modules, 1.0-1.3 s per process here; :func:`_direct_requirement_check` answers the same
-question with one ``importlib.metadata.version`` lookup per pin.
+files to modules; :func:`_direct_requirement_check` answers the same question with one
+``importlib.metadata.version`` lookup per pin.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _direct_requirement_check() -> Iterator[None]:
 
     MLflow warns when the environment does not satisfy a model's requirements, when logging
     and when loading it; its check first maps every installed distribution's files to
-    modules (``packages_distributions``, 1.0-1.3 s per process here) although requirements
+    modules (``packages_distributions``, a walk of site-packages) although requirements
     name distributions, which ``importlib.metadata.version`` looks up directly. The swap is
     undone on exit; if MLflow no longer has the function where expected, its own check runs.
     """

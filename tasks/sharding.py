@@ -12,7 +12,7 @@
   the shards go to that running scheduler, whose workers are left as they are.
 - ``runner: ray``: the same on ``prefect_ray.RayTaskRunner`` against the running Ray cluster at
   ``address``. prefect-ray is not a dependency, and cubeline never starts a local Ray instance
-  (Ray probes cloud metadata addresses outside loopback at start; ``../shared/STACK.md``).
+  (Ray probes cloud metadata addresses outside loopback at start).
 
 The task runner starts on the first pass and serves every pass of the fit (a logit head behind
 RX needs a second pass), so the cluster starts once per fit. Shard workers report their task
@@ -23,8 +23,8 @@ server they can reach; see ``docs/scaling.md``). The numerics live in
 
 On Dask each shard is a Prefect task run as ``prefect_dask`` submits it (``run_task_sync`` in
 the worker), except that the driver's settings are serialized once per settings object and
-validated once per worker (:func:`run_prefect_task`) rather than once per task run: that cut
-the orchestration of a 2-shard pass from about 0.2-0.35 s to about 0.05 s here.
+validated once per worker (:func:`run_prefect_task`) rather than once per task run
+(``bench/sharded.py`` times the orchestration of a pass).
 """
 
 from __future__ import annotations
@@ -272,10 +272,10 @@ def run_prefect_task(*, settings_token: str, settings: dict[str, Any],
                      **run_kwargs: Any) -> Any:
     """Run one Prefect task run on a Dask worker (``prefect.task_engine.run_task_sync``).
 
-    What ``prefect_dask``'s client submits, less two per-task costs measured on this machine:
-    validating the driver's serialized settings into a ``Settings`` model (about 90 ms a task
-    run) happens once per worker and settings version (``settings_token``), and the task run
-    gets one API client instead of two (about 20 ms each, mostly building an SSL context).
+    What ``prefect_dask``'s client submits, less two per-task costs: validating the driver's
+    serialized settings into a ``Settings`` model happens once per worker and settings version
+    (``settings_token``), and the task run gets one API client instead of two (each builds an
+    SSL context).
     The task run itself (states, events, result handling) is Prefect's, unchanged.
 
     Args:

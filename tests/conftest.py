@@ -7,7 +7,6 @@ anomaly mask marks exactly those pixels. Everything is seeded so a failure repro
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,6 @@ import torch
 from scipy.stats import rankdata
 
 REPO = Path(__file__).resolve().parents[1]
-
-# pytest puts tests/ on sys.path for this conftest, and tests/nodes/ (no __init__.py) would then
-# shadow the real ``nodes`` package as a namespace package whenever the repo root is not on
-# sys.path (plain `pytest` rather than `python -m pytest`; the editable install's finder comes
-# after the path finder). The repo's regular package wins as soon as its root is on the path.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from nodes.data import CubeDataModule  # noqa: E402
 
@@ -58,6 +50,8 @@ SCENE_DIRS: tuple[Path, ...] = (
 
 #: The five Los Angeles scenes of the bundled session, in frame-id order.
 SESSION_SCENES: tuple[str, ...] = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
+#: The three other bundled scenes (data/extra; other band counts).
+EXTRA_SCENES: tuple[str, ...] = ("urban-1", "urban-2", "beach-3")
 
 
 def find_scene(name: str) -> Path | None:
@@ -86,6 +80,12 @@ def scene_path() -> Callable[[str], Path]:
 def session_paths(scene_path: Callable[[str], Path]) -> list[Path]:
     """The bundled session's five scene files (frame ids 0..4)."""
     return [scene_path(s) for s in SESSION_SCENES]
+
+
+@pytest.fixture(scope="session")
+def extra_paths(scene_path: Callable[[str], Path]) -> list[Path]:
+    """The three other bundled scenes (204, 207 and 188 bands)."""
+    return [scene_path(s) for s in EXTRA_SCENES]
 
 
 def make_cube(

@@ -26,6 +26,11 @@ class UnknownPortError(PortConnectionError, AttributeError):
     """A port name that the node does not declare (also an AttributeError for ``hasattr``)."""
 
 
+def unfitted(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A NaN placeholder for a fitted buffer of ``shape``: it fails loudly if used unfitted."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
 def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
@@ -69,10 +74,6 @@ class Node(nn.Module):
     MAIN_OUTPUT: ClassVar[str | None] = None
     #: Nodes that read the batch dict itself (data nodes) instead of input ports.
     consumes_batch: ClassVar[bool] = False
-    #: ``MAIN_OUTPUT`` is a fixed affine map of ``MAIN_INPUT`` once fitted (see affine_map).
-    AFFINE: ClassVar[bool] = False
-    #: That map carries per-channel min/max exactly (a positive per-channel scaling).
-    AFFINE_KEEPS_MINMAX: ClassVar[bool] = False
 
     def __init__(self, name: str | None = None, execution_stages: Iterable[str] | None = None):
         super().__init__()
@@ -120,14 +121,33 @@ class Node(nn.Module):
         return cfg
 
     # ------------------------------------------------------- statistical part
+    def declare_fitted(self, *, required: bool = True, **buffers: Tensor) -> None:
+        """Register the node's fitted statistics: one buffer each, plus the ``fitted`` flag.
+
+        The one place a statistical node declares its fitted state. Buffers start as given
+        (:func:`unfitted` for NaN placeholders) and are filled by :meth:`fit_from_moments` (or by
+        hand, see :meth:`mark_initialized`); :meth:`check_initialized` guards their use, and a
+        buffer declared with no elements (a per-band shape not known yet) is resized when a saved
+        state is loaded (:meth:`resize_buffer`).
+
+        Args:
+            required: Whether Phase 1 must fit the node before use (e.g. False for a normalizer
+                that scales each cube by its own range).
+            **buffers: Buffer name -> initial tensor.
+        """
+        for bname, initial in buffers.items():
+            self.register_buffer(bname, initial)
+        self.register_buffer("fitted", torch.tensor(False))
+        self._fit_required = bool(required)
+
     @property
     def requires_initial_fit(self) -> bool:
         """Whether Phase 1 must fit this node before it can be used.
 
-        False by default; True for a node that implements only
-        :meth:`statistical_initialization` (the guide's pattern).
+        As declared with :meth:`declare_fitted`; otherwise True only for a node that implements
+        :meth:`statistical_initialization` alone (the guide's pattern).
         """
-        return self.fits_from_stream
+        return bool(self.__dict__.get("_fit_required", False)) or self.fits_from_stream
 
     @property
     def fit_needs_minmax(self) -> bool:
@@ -172,9 +192,6 @@ class Node(nn.Module):
         cls = type(self)
         return (cls.statistical_initialization is not Node.statistical_initialization
                 and cls.fit_from_moments is Node.fit_from_moments)
-
-    def _init_fit_flag(self) -> None:
-        self.register_buffer("fitted", torch.tensor(False))
 
     def _mark_fitted(self) -> None:
         self._set_fitted(True)
@@ -255,13 +272,26 @@ class Node(nn.Module):
     # ------------------------------------------------------------ affine part
     @property
     def is_affine(self) -> bool:
-        """Whether ``MAIN_OUTPUT`` is a fixed affine map of ``MAIN_INPUT`` once fitted."""
-        return self.AFFINE
+        """Whether ``MAIN_OUTPUT`` is a fixed affine map of ``MAIN_INPUT`` once fitted.
+
+        False here; affine nodes override it (and :meth:`affine_map`).
+        """
+        return False
 
     @property
     def affine_keeps_minmax(self) -> bool:
         """Whether the affine map carries per-channel min/max exactly (positive scaling)."""
-        return self.AFFINE_KEEPS_MINMAX
+        return False
+
+    def resize_buffer(self, name: str, value: Tensor) -> None:
+        """Replace a buffer by one of another shape (a lazily shaped fitted buffer being loaded).
+
+        Raises:
+            KeyError: ``name`` is not a buffer of this node.
+        """
+        if name not in self._buffers:
+            raise KeyError(f"node {self.name!r} has no buffer {name!r}")
+        self._buffers[name] = value
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:
         """``(A, b, keeps_minmax)`` with ``MAIN_OUTPUT = A @ MAIN_INPUT + b`` per pixel, or None.

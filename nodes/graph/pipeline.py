@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 import yaml
@@ -18,6 +19,8 @@ from nodes.errors import ConfigError, PipelineError, PortConnectionError
 from nodes.graph.base import STAGES, Node
 from nodes.graph.ports import PortRef, dtypes_compatible
 from nodes.graph.registry import node_class
+
+N = TypeVar("N", bound=Node)
 
 FORMAT = "cubeline.pipeline/1"
 
@@ -148,7 +151,7 @@ class Pipeline(nn.Module):
             raise PipelineError(f"add_node expects a Node, got {type(node).__name__}")
         if any(n is node for n in self.nodes.values()):
             return node
-        node.name = self._name_for(node, dict(self.nodes.items()))  # type: ignore[arg-type]
+        node.name = self._name_for(node, self._node_map())
         self.nodes[node.name] = node
         self._topo_cache = None
         return node
@@ -168,7 +171,7 @@ class Pipeline(nn.Module):
             resolved.append((out, inp))
         # Names the new nodes will get (numbered where a defaulted name is taken), decided
         # before anything changes so a failing call leaves the pipeline as it was.
-        by_name: dict[str, Node] = dict(self.nodes.items())  # type: ignore[arg-type]
+        by_name = self._node_map()
         planned: dict[int, str] = {id(n): n.name for n in by_name.values()}
         for out, inp in resolved:
             for node in (out.node, inp.node):
@@ -211,9 +214,36 @@ class Pipeline(nn.Module):
         raise PortConnectionError(f"expected a port (node.port), got {p!r}")
 
     # ------------------------------------------------------------- queries
+    @overload
+    def node(self, name: str) -> Node: ...
+
+    @overload
+    def node(self, name: str, cls: type[N]) -> N: ...
+
+    def node(self, name: str, cls: type[Node] = Node) -> Node:
+        """The node called ``name``, checked to be a ``cls``: a typed lookup.
+
+        Raises:
+            PipelineError: No such node, or it is not a ``cls``.
+        """
+        if name not in self.nodes:
+            raise PipelineError(
+                f"pipeline {self.name!r} has no node {name!r}; its nodes are {list(self.nodes)}"
+            )
+        found = self.nodes[name]
+        if not isinstance(found, cls):
+            raise PipelineError(
+                f"node {name!r} of pipeline {self.name!r} is a {type(found).__name__}, "
+                f"not a {cls.__name__}"
+            )
+        return found
+
+    def _node_map(self) -> dict[str, Node]:
+        return {name: self.node(name) for name in self.nodes}
+
     def node_list(self) -> list[Node]:
         """Nodes in topological order."""
-        return [self.nodes[n] for n in self.topological_order()]  # type: ignore[misc]
+        return [self.node(n) for n in self.topological_order()]
 
     def topological_order(self) -> list[str]:
         """Node names sorted so every node comes after its inputs (stable: insertion order)."""
@@ -263,7 +293,7 @@ class Pipeline(nn.Module):
         batch's ``cube`` is the one possible source. With a data node, an unconnected input stays
         an error, since the data node's ``cube`` port is then the explicit source to connect.
         """
-        nodes: list[Node] = list(self.nodes.values())  # type: ignore[arg-type]
+        nodes = list(self._node_map().values())
         if any(n.consumes_batch for n in nodes):
             return []
         return [
@@ -287,7 +317,9 @@ class Pipeline(nn.Module):
         """Run the graph on one batch.
 
         Args:
-            batch: The batch dict (DESIGN.md §2). Also accepted as ``batch=`` keyword.
+            batch: The batch dict (``cube``, ``mask``, ... as
+                :meth:`~nodes.library.data_node.AnomalyDataNode.run_batch` reads it). Also
+                accepted as ``batch=`` keyword.
             stage: ``train``, ``val``, ``test`` or ``inference``; nodes not active in the stage
                 are skipped.
             outputs: Only compute what these ``"<node>.<port>"`` keys (or node names) need.
@@ -315,7 +347,7 @@ class Pipeline(nn.Module):
                 )
             values[BATCH_CUBE] = data["cube"]
         for name in self.topological_order():
-            node: Node = self.nodes[name]  # type: ignore[assignment]
+            node = self.node(name)
             if wanted is not None and name not in wanted:
                 continue
             if stage not in node.execution_stages:
@@ -357,7 +389,7 @@ class Pipeline(nn.Module):
                 f"{list(self.nodes)} (trainable: "
                 f"{[n.name for n in self.node_list() if n.TRAINABLE_BUFFERS]})"
             )
-        return [self.nodes[n] for n in names]  # type: ignore[misc]
+        return [self.node(n) for n in names]
 
     def unfreeze_nodes_by_name(self, names: Iterable[str]) -> None:
         """Turn the fitted buffers of the named nodes into trainable parameters."""
@@ -528,7 +560,8 @@ class Pipeline(nn.Module):
                             f"{source}: {key} has shape {tuple(value.shape)}, the pipeline "
                             f"expects {tuple(current.shape)}"
                         )
-                    if attr in module._buffers:
-                        module._buffers[attr] = value.to(current.dtype).clone()
-                        continue
+                    if isinstance(module, Node):
+                        with contextlib.suppress(KeyError):  # a parameter: copied below
+                            module.resize_buffer(attr, value.to(current.dtype).clone())
+                            continue
                 current.copy_(value.to(current.dtype))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -36,13 +36,17 @@ class AnomalyDataNode(Node):
     DEFAULT_NAME: ClassVar[str | None] = "data"
 
     def __init__(self, normal_class_ids: Sequence[int] = (0,), name: str | None = None,
-                 **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         self.normal_class_ids = [int(i) for i in normal_class_ids]
         self._remember(normal_class_ids=self.normal_class_ids)
 
     def run_batch(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Read the batch contract of DESIGN.md §2."""
+        """Read the batch contract.
+
+        ``cube`` (B, H, W, C) float32 is required; ``mask`` (B, H, W) bool (anomaly = 1),
+        ``class_mask`` (B, H, W) int, ``wavelengths`` (B, C) and ``frame_id`` are optional.
+        """
         if "cube" not in batch:
             raise DataValidationError(
                 f"batch has no 'cube' (keys: {sorted(batch)}); datamodules must yield the batch "

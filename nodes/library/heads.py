@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -41,26 +42,30 @@ class ScoreToLogit(Node):
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("scale", "bias")
     DEFAULT_NAME: ClassVar[str | None] = "logit_head"
     MAIN_INPUT: ClassVar[str | None] = "scores"
-    AFFINE: ClassVar[bool] = True
-    AFFINE_KEEPS_MINMAX: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "logits"
 
     def __init__(self, init_scale: float = 1.0, init_bias: float = 0.0, standardize: bool = True,
-                 name: str | None = None, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 name: str | None = None, execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         self.init_scale = float(init_scale)
         self.init_bias = float(init_bias)
         self.standardize = bool(standardize)
         self._remember(init_scale=self.init_scale, init_bias=self.init_bias,
                        standardize=self.standardize)
-        self.register_buffer("scale", torch.tensor(self.init_scale))
-        self.register_buffer("bias", torch.tensor(self.init_bias))
-        self.register_buffer("center", torch.tensor(0.0))
-        self._init_fit_flag()
+        self.declare_fitted(
+            required=self.standardize,
+            scale=torch.tensor(self.init_scale),
+            bias=torch.tensor(self.init_bias),
+            center=torch.tensor(0.0),
+        )
 
     @property
-    def requires_initial_fit(self) -> bool:  # noqa: D102
-        return self.standardize
+    def is_affine(self) -> bool:  # noqa: D102
+        return True
+
+    @property
+    def affine_keeps_minmax(self) -> bool:  # noqa: D102
+        return True
 
     def fit_from_moments(self, moments: MomentState) -> None:
         """Centre on the mean score and scale by its standard deviation."""
@@ -102,8 +107,9 @@ class BinaryDecider(Node):
     }
     DEFAULT_NAME: ClassVar[str | None] = "decider"
 
-    def __init__(self, threshold: float = 0.5, name: str | None = None, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, threshold: float = 0.5, name: str | None = None,
+                 execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
         self._remember(threshold=float(threshold))

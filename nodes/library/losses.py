@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -36,8 +37,9 @@ class AnomalyBCEWithLogits(Node):
     DEFAULT_NAME: ClassVar[str | None] = "bce"
 
     def __init__(self, name: str | None = None, weight: float = 1.0,
-                 pos_weight: float | None = None, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 pos_weight: float | None = None,
+                 execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         self.weight = float(weight)
         self._remember(weight=self.weight, pos_weight=pos_weight)
         self.pos_weight = None if pos_weight is None else float(pos_weight)

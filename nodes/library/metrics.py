@@ -96,8 +96,8 @@ class AnomalyDetectionMetrics(Node):
     DEFAULT_NAME: ClassVar[str | None] = "metrics_anomaly"
 
     def __init__(self, name: str | None = None, num_thresholds: int = 4000,
-                 logit_range: float = 40.0, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 logit_range: float = 40.0, execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         self._remember(num_thresholds=int(num_thresholds), logit_range=float(logit_range))
         self.stat_scores = BinaryStatScores(threshold=0.5)
         self.curves = BinnedScoreCounts(-logit_range, logit_range, int(num_thresholds))

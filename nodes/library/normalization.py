@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from nodes.graph.base import Node
+from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
 from nodes.training.stats import MomentState
@@ -40,8 +41,6 @@ class MinMaxNormalizer(Node):
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("running_min", "running_max")
     DEFAULT_NAME: ClassVar[str | None] = "normalizer"
     MAIN_INPUT: ClassVar[str | None] = "data"
-    AFFINE: ClassVar[bool] = True
-    AFFINE_KEEPS_MINMAX: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "normalized"
     running_min: Tensor
     running_max: Tensor
@@ -52,22 +51,20 @@ class MinMaxNormalizer(Node):
         use_running_stats: bool = True,
         per_channel: bool = False,
         name: str | None = None,
-        **kwargs: object,
+        execution_stages: Iterable[str] | None = None,
     ) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+        super().__init__(name=name, execution_stages=execution_stages)
         self.eps = float(eps)
         self.use_running_stats = bool(use_running_stats)
         self.per_channel = bool(per_channel)
         self._remember(eps=self.eps, use_running_stats=self.use_running_stats,
                        per_channel=self.per_channel)
         shape: tuple[int, ...] = (0,) if per_channel else ()
-        self.register_buffer("running_min", torch.full(shape, float("nan")))
-        self.register_buffer("running_max", torch.full(shape, float("nan")))
-        self._init_fit_flag()
-
-    @property
-    def requires_initial_fit(self) -> bool:  # noqa: D102
-        return self.use_running_stats
+        self.declare_fitted(
+            required=self.use_running_stats,
+            running_min=unfitted(*shape),
+            running_max=unfitted(*shape),
+        )
 
     @property
     def fit_needs_minmax(self) -> bool:  # noqa: D102
@@ -92,6 +89,10 @@ class MinMaxNormalizer(Node):
     @property
     def is_affine(self) -> bool:  # noqa: D102
         return self.use_running_stats
+
+    @property
+    def affine_keeps_minmax(self) -> bool:  # noqa: D102
+        return True
 
     def affine_map(self) -> tuple[Tensor, Tensor | None, bool] | None:  # noqa: D102
         if not self.use_running_stats or not self.is_initialized:

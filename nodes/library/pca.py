@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from nodes.graph.base import Node
+from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
 from nodes.training.stats import MomentState
@@ -36,28 +37,26 @@ class TrainablePCA(Node):
     FITTED_BUFFERS: ClassVar[tuple[str, ...] | None] = ("mean", "components")
     DEFAULT_NAME: ClassVar[str | None] = "pca"
     MAIN_INPUT: ClassVar[str | None] = "data"
-    AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "projected"
     mean: Tensor
     components: Tensor
     explained_variance: Tensor
 
     def __init__(self, n_components: int, input_dim: int, name: str | None = None,
-                 **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         if not 0 < n_components <= input_dim:
             raise ValueError(f"n_components must be in 1..{input_dim}, got {n_components}")
         self.n_components = int(n_components)
         self.input_dim = int(input_dim)
         self._remember(n_components=self.n_components, input_dim=self.input_dim)
         k, c = self.n_components, self.input_dim
-        self.register_buffer("mean", torch.full((c,), float("nan")))
-        self.register_buffer("components", torch.full((k, c), float("nan")))
-        self.register_buffer("explained_variance", torch.full((k,), float("nan")))
-        self._init_fit_flag()
+        self.declare_fitted(
+            mean=unfitted(c), components=unfitted(k, c), explained_variance=unfitted(k)
+        )
 
     @property
-    def requires_initial_fit(self) -> bool:  # noqa: D102
+    def is_affine(self) -> bool:  # noqa: D102
         return True
 
     def fit_from_moments(self, moments: MomentState) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from nodes.graph.pipeline import Pipeline
 from nodes.library.data_node import AnomalyDataNode
@@ -12,6 +14,43 @@ from nodes.library.metrics import AnomalyDetectionMetrics
 from nodes.library.normalization import MinMaxNormalizer
 from nodes.library.rx import RXGlobal
 from nodes.library.selector import SoftChannelSelector
+
+#: Node names of :func:`build_channel_selector_pipeline`, and the output its decider thresholds.
+LOSS_NODE = "bce"
+METRIC_NODE = "metrics_anomaly"
+SCORE_NODE = "logit_head"
+SCORE_KEY = f"{SCORE_NODE}.logits"
+
+
+@dataclass(frozen=True)
+class PresetHandle:
+    """Typed access to the parts of a channel-selector pipeline that training and scoring use.
+
+    Attributes:
+        pipeline: The pipeline.
+        loss_nodes: Its loss nodes (the BCE loss).
+        metric_nodes: Its metric nodes.
+        score_key: The output (``"<node>.<port>"``) the decider thresholds: curves and maps use it.
+    """
+
+    pipeline: Pipeline
+    loss_nodes: tuple[AnomalyBCEWithLogits, ...]
+    metric_nodes: tuple[AnomalyDetectionMetrics, ...]
+    score_key: str = SCORE_KEY
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> PresetHandle:
+        """The handle of a pipeline built by (or loaded from) the preset, checked by type.
+
+        Raises:
+            PipelineError: A node is missing or of another type.
+        """
+        pipeline.node(SCORE_NODE, ScoreToLogit)
+        return cls(
+            pipeline=pipeline,
+            loss_nodes=(pipeline.node(LOSS_NODE, AnomalyBCEWithLogits),),
+            metric_nodes=(pipeline.node(METRIC_NODE, AnomalyDetectionMetrics),),
+        )
 
 
 def build_channel_selector_pipeline(
@@ -37,19 +76,26 @@ def build_channel_selector_pipeline(
     statistics stay float64). ``selector_mode="soft"`` keeps all bands, re-weighted by the
     selector, and RX then fits all ``input_channels`` (see :mod:`nodes.library.selector`).
     """
+    if init_method not in ("variance", "uniform") or selector_mode not in ("hard", "soft"):
+        raise ValueError(
+            f"init_method must be 'variance' or 'uniform' (got {init_method!r}) and "
+            f"selector_mode 'hard' or 'soft' (got {selector_mode!r})"
+        )
+    init: Literal["variance", "uniform"] = "uniform" if init_method == "uniform" else "variance"
+    mode: Literal["hard", "soft"] = "soft" if selector_mode == "soft" else "hard"
     pipeline = Pipeline(name)
     data = AnomalyDataNode(normal_class_ids=list(normal_class_ids), name="data")
     normalizer = MinMaxNormalizer(eps=1e-6, use_running_stats=True, name="normalizer")
     selector = SoftChannelSelector(
-        n_select=n_select, input_channels=input_channels, init_method=init_method,  # type: ignore[arg-type]
-        temperature_init=temperature_init, mode=selector_mode, name="selector",  # type: ignore[arg-type]
+        n_select=n_select, input_channels=input_channels, init_method=init,
+        temperature_init=temperature_init, mode=mode, name="selector",
     )
     rx = RXGlobal(num_channels=selector.out_channels, eps=eps, score_dtype=rx_score_dtype,
                   name="rx")
-    head = ScoreToLogit(init_scale=1.0, init_bias=0.0, name="logit_head")
+    head = ScoreToLogit(init_scale=1.0, init_bias=0.0, name=SCORE_NODE)
     decider = BinaryDecider(threshold=threshold, name="decider")
-    bce = AnomalyBCEWithLogits(name="bce", weight=bce_weight, pos_weight=pos_weight)
-    metrics = AnomalyDetectionMetrics(name="metrics_anomaly")
+    bce = AnomalyBCEWithLogits(name=LOSS_NODE, weight=bce_weight, pos_weight=pos_weight)
+    metrics = AnomalyDetectionMetrics(name=METRIC_NODE)
     pipeline.connect(
         (data.cube, normalizer.data),
         (normalizer.normalized, selector.data),

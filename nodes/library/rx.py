@@ -14,7 +14,7 @@ definite whatever the optimizer does to the lower triangle (the diagonal enters 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from nodes.errors import CubelineError
-from nodes.graph.base import Node
+from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
 from nodes.training.stats import MomentState
@@ -68,8 +68,8 @@ class RXGlobal(Node):
     cov_factor: Tensor
 
     def __init__(self, num_channels: int, eps: float = 1e-6, score_dtype: str = "auto",
-                 name: str | None = None, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+                 name: str | None = None, execution_stages: Iterable[str] | None = None) -> None:
+        super().__init__(name=name, execution_stages=execution_stages)
         if score_dtype not in _SCORE_DTYPES:
             raise CubelineError(
                 f"RXGlobal score_dtype must be one of {_SCORE_DTYPES}, got {score_dtype!r}"
@@ -82,13 +82,7 @@ class RXGlobal(Node):
             tuple[tuple[object, ...], tuple[Tensor, Tensor, Tensor | None]] | None
         ) = None
         c = self.num_channels
-        self.register_buffer("mu", torch.full((c,), float("nan"), dtype=_F64))
-        self.register_buffer("cov_factor", torch.full((c, c), float("nan"), dtype=_F64))
-        self._init_fit_flag()
-
-    @property
-    def requires_initial_fit(self) -> bool:  # noqa: D102
-        return True
+        self.declare_fitted(mu=unfitted(c, dtype=_F64), cov_factor=unfitted(c, c, dtype=_F64))
 
     def _factor(self) -> Tensor:
         lower = torch.tril(self.cov_factor, diagonal=-1)

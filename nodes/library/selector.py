@@ -20,12 +20,13 @@ exactly and Phase 1 stays one data pass in both modes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from nodes.graph.base import Node
+from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
 from nodes.training.stats import MomentState
@@ -66,7 +67,6 @@ class SoftChannelSelector(Node):
     TRAINABLE_BUFFERS: ClassVar[tuple[str, ...]] = ("channel_logits",)
     DEFAULT_NAME: ClassVar[str | None] = "selector"
     MAIN_INPUT: ClassVar[str | None] = "data"
-    AFFINE: ClassVar[bool] = True
     MAIN_OUTPUT: ClassVar[str | None] = "selected"
     channel_logits: Tensor
     temperature: Tensor
@@ -79,9 +79,9 @@ class SoftChannelSelector(Node):
         temperature_init: float = 5.0,
         mode: Literal["hard", "soft"] = "hard",
         name: str | None = None,
-        **kwargs: object,
+        execution_stages: Iterable[str] | None = None,
     ) -> None:
-        super().__init__(name=name, **kwargs)  # type: ignore[arg-type]
+        super().__init__(name=name, execution_stages=execution_stages)
         if not 0 < n_select <= input_channels:
             raise ValueError(f"n_select must be in 1..{input_channels}, got {n_select}")
         if init_method not in ("variance", "uniform"):
@@ -99,8 +99,9 @@ class SoftChannelSelector(Node):
                        mode=mode)
         self.register_buffer("temperature", torch.tensor(float(temperature_init)))
         shape = (self.n_select, self.input_channels) if mode == "hard" else (self.input_channels,)
-        self.register_buffer("channel_logits", torch.full(shape, float("nan")))
-        self._init_fit_flag()
+        self.declare_fitted(
+            required=init_method == "variance", channel_logits=unfitted(*shape)
+        )
         if init_method == "uniform":
             if mode == "soft":
                 self.channel_logits = torch.zeros(self.input_channels)
@@ -114,8 +115,8 @@ class SoftChannelSelector(Node):
         return self.mode == "soft"  # a positive per-band scale maps min/max exactly
 
     @property
-    def requires_initial_fit(self) -> bool:  # noqa: D102
-        return self.init_method == "variance"
+    def is_affine(self) -> bool:  # noqa: D102
+        return True
 
     def _set_picks(self, picks: Tensor) -> None:
         c = self.input_channels

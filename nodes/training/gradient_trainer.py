@@ -116,7 +116,7 @@ class PipelineModule(L.LightningModule):
         return total
 
     def _metric_nodes(self) -> list[AnomalyDetectionMetrics]:
-        return [self.pipeline.nodes[n] for n in self.metric_names]  # type: ignore[misc]
+        return [self.pipeline.node(n, AnomalyDetectionMetrics) for n in self.metric_names]
 
     def _reset_metrics(self) -> None:
         for m in self._metric_nodes():
@@ -364,7 +364,7 @@ class GradientTrainer:
     def __init__(
         self,
         pipeline: Pipeline,
-        datamodule: Any,
+        datamodule: L.LightningDataModule,
         loss_nodes: Sequence[Node],
         metric_nodes: Sequence[AnomalyDetectionMetrics],
         trainer_config: TrainerConfig | None = None,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +41,18 @@ from nodes.training.quality import (
 )
 from nodes.training.results import Results
 from nodes.training.stats import MomentAccumulator, MomentState, merge_all
+
+
+class DataModule(Protocol):
+    """What Phase 1 reads: ``train_dataloader()`` yielding batch dicts (``cube``, ``mask``).
+
+    ``val_dataloader()`` too for the initialization check, and ``setup(stage)`` is called first
+    where there is one: a Lightning ``LightningDataModule`` such as
+    :class:`~nodes.data.CubeDataModule` is a DataModule.
+    """
+
+    def train_dataloader(self) -> Any:
+        """Batches of the training split."""
 
 
 @dataclass
@@ -120,13 +132,13 @@ def all_merge(state: MomentState) -> MomentState:
 def _width_of(pipeline: Pipeline, root: str) -> int:
     if root == BATCH_CUBE:  # as wide as the node it feeds expects
         for name in pipeline.implicit_cube_inputs():
-            node: Node = pipeline.nodes[name]  # type: ignore[assignment]
+            node = pipeline.node(name)
             width = node.data.resolved_dims()[-1]
             if isinstance(width, int):
                 return width
         raise PipelineError(f"rank has no batch and cannot infer the width of {root}")
     node_name, port = root.split(".", 1)
-    src: Node = pipeline.nodes[node_name]  # type: ignore[assignment]
+    src = pipeline.node(node_name)
     spec = type(src).OUTPUT_SPECS[port]
     if len(spec.dims) == 3:
         return 1
@@ -269,7 +281,7 @@ class StatisticalTrainer:
     def __init__(
         self,
         pipeline: Pipeline,
-        datamodule: Any,
+        datamodule: DataModule | None,
         *,
         normal_only: bool = False,
         sample_fraction: float | None = None,
@@ -324,7 +336,7 @@ class StatisticalTrainer:
                     f"statistical node {current.name!r} has no connection into its input "
                     f"{port!r}{hint}; connect it before StatisticalTrainer.fit()"
                 )
-            src: Node = p.nodes[edge.src]  # type: ignore[assignment]
+            src = p.node(edge.src)
             passes_through = (
                 src.is_affine
                 and edge.src_port == src.MAIN_OUTPUT
@@ -338,8 +350,11 @@ class StatisticalTrainer:
     # --------------------------------------------------------------- running
     def _batches(self, split: str, *, shard: bool = False) -> Iterator[dict[str, Any]]:
         dm = self.datamodule
-        if hasattr(dm, "setup"):
-            dm.setup("fit" if split == "train" else "validate")
+        if dm is None:
+            raise PipelineError("this StatisticalTrainer has no datamodule to read batches from")
+        setup = getattr(dm, "setup", None)
+        if setup is not None:
+            setup("fit" if split == "train" else "validate")
         loader: Iterable[Mapping[str, Any]] = getattr(dm, f"{split}_dataloader")()
         rank, world = _rank_world() if shard else (0, 1)
         count = 0
@@ -420,7 +435,7 @@ class StatisticalTrainer:
                     m = moments[root]
                     for cname in chain:
                         if cname not in maps:
-                            amap = p.nodes[cname].affine_map()  # type: ignore[operator]
+                            amap = p.node(cname).affine_map()
                             if amap is None:
                                 raise PipelineError(f"node {cname!r} is not fitted yet")
                             a, b, keeps = amap
@@ -437,7 +452,7 @@ class StatisticalTrainer:
                 fitted_rx.update(self._trim_rx(fitted_rx, report))
                 report.passes += 2
             for name, m in fitted_rx.items():
-                rx: RXGlobal = p.nodes[name]  # type: ignore[assignment]
+                rx = p.node(name, RXGlobal)
                 report.quality[name] = assess(name, rx.num_channels, fit_ratio(rx, m),
                                               eps=rx.eps)
             fitted_rx.clear()
@@ -495,7 +510,7 @@ class StatisticalTrainer:
         """
         p = self.pipeline
         q = float(self.trim_quantile or 1.0)
-        nodes: dict[str, RXGlobal] = {n: p.nodes[n] for n in fitted}  # type: ignore[misc]
+        nodes = {n: p.node(n, RXGlobal) for n in fitted}
         keys = {n: (self._input_key(rx), f"{n}.scores") for n, rx in nodes.items()}
         lo, hi, bins = -12.0, 12.0, 24_000
         hists = {n: torch.zeros(bins, dtype=torch.float64) for n in nodes}

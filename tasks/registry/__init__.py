@@ -1,6 +1,6 @@
 """Model-registry promotion behind a metric gate, with aliases, durable history and rollback.
 
-The decision and the side effects are kept apart (DESIGN.md §4.6):
+The decision and the side effects are kept apart:
 
 - :func:`decide_promotion` is a pure function of the challenger's and champion's metrics on the
   *same* pinned evaluation split and a :class:`GateConfig`: better by the margin → promote; worse

@@ -21,7 +21,6 @@ the steps (``flows/chain.py``); ``tasks.predict`` holds the functions behind ``c
 
 from tasks.steps.base import (
     DRIFT_EVENT,
-    SCORE_KEY,
     STEP_VERSIONS,
     DataRef,
     DriftResult,
@@ -45,7 +44,6 @@ from tasks.steps.unfreeze import unfreeze
 
 __all__ = [
     "DRIFT_EVENT",
-    "SCORE_KEY",
     "STEP_VERSIONS",
     "DataRef",
     "DriftResult",

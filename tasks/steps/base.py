@@ -39,7 +39,6 @@ STEP_VERSIONS: dict[str, str] = {
 DRIFT_EVENT = "cubeline.drift.detected"
 
 
-SCORE_KEY = "logit_head.logits"  # the score the decider thresholds; curves and maps use it
 
 
 @dataclass(frozen=True)

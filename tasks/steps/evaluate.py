@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
     from nodes.data.datamodule import CubeDataModule
     from nodes.graph.pipeline import Pipeline
-from tasks.steps.base import SCORE_KEY, STEP_VERSIONS, DataRef, EvalResult, RunContext, TrainResult
+from tasks.steps.base import STEP_VERSIONS, DataRef, EvalResult, RunContext, TrainResult
 from tasks.steps.data import run_datamodule
 from tasks.steps.run import log_run_metrics, set_run_tags
 
@@ -24,10 +24,10 @@ def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any
     import numpy as np
     import torch
 
-    from nodes.library.metrics import AnomalyDetectionMetrics
+    from nodes.library.presets import PresetHandle
 
-    metric_nodes = [n for n in pipeline.node_list() if isinstance(n, AnomalyDetectionMetrics)]
-    for m in metric_nodes:
+    handle = PresetHandle.of(pipeline)
+    for m in handle.metric_nodes:
         m.reset()
     scores: list[Any] = []
     targets: list[Any] = []
@@ -37,7 +37,7 @@ def score_split(pipeline: Pipeline, dm: CubeDataModule, split: str) -> tuple[Any
     with torch.no_grad():
         for batch in loader:
             out = pipeline.forward(batch, stage="test")
-            scores.append(out[SCORE_KEY].detach().cpu().numpy())
+            scores.append(out[handle.score_key].detach().cpu().numpy())
             targets.append(batch["mask"].cpu().numpy())
             ids.extend(int(i) for i in batch["frame_id"])
     return np.concatenate(scores), np.concatenate(targets), ids

@@ -25,6 +25,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     from lightning.pytorch.callbacks import ModelSummary
 
     from nodes.graph.pipeline import Pipeline
+    from nodes.library.presets import PresetHandle
     from nodes.training.gradient_trainer import GradientTrainer
     from tasks.env import quiet_lightning
 
@@ -43,11 +44,12 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     elif cfg.callbacks.lr_monitor is not None:
         # Lightning's LearningRateMonitor refuses to run without a logger.
         updates["callbacks"] = cfg.callbacks.model_copy(update={"lr_monitor": None})
+    handle = PresetHandle.of(pipeline)
     trainer = GradientTrainer(
         pipeline,
         dm,
-        loss_nodes=[pipeline.nodes["bce"]],  # type: ignore[list-item]
-        metric_nodes=[pipeline.nodes["metrics_anomaly"]],  # type: ignore[list-item]
+        loss_nodes=list(handle.loss_nodes),
+        metric_nodes=list(handle.metric_nodes),
         trainer_config=cfg.model_copy(update=updates),
         optimizer_config=p.phase2.optimizer,
         scheduler_config=p.phase2.scheduler,

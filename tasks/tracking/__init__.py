@@ -13,7 +13,7 @@ from the model itself (``tasks/pyfunc_model.py``) and the registry (``tasks/regi
 - :func:`set_lineage_tags`, :func:`git_commit`, :func:`params_hash`: what produced the run.
 
 mlflow, matplotlib and lightning are imported inside the functions that need them: importing
-this module must stay cheap for the CLI (``../shared/STACK.md``: mlflow alone costs ~2.4 s).
+this module must stay cheap for the CLI (importing mlflow alone takes seconds).
 
 Modules: ``store`` (set-up, locks), ``lineage`` (params, tags), ``logger`` (Lightning),
 ``plots`` (curves, maps). Import from ``tasks.tracking``.

@@ -104,7 +104,7 @@ def uri_lock(uri: str, purpose: str, timeout_s: float) -> Iterator[None]:
 
 def _force_telemetry_off() -> None:
     # Forced, not defaulted: MLflow reads these when it starts its telemetry client, and only the
-    # exact string "true" counts (../shared/STACK.md).
+    # exact string "true" counts.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     os.environ["DO_NOT_TRACK"] = "true"
 

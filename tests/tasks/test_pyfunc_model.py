@@ -104,7 +104,7 @@ def test_signature_requirements_and_code_are_logged(logged: dict[str, Any]) -> N
     reqs = (local / "requirements.txt").read_text().split()
     assert reqs == pinned_requirements()
     assert any(r.startswith("torch==") for r in reqs)
-    assert (local / "code" / "nodes" / "pipeline.py").is_file()
+    assert (local / "code" / "nodes" / "graph" / "pipeline.py").is_file()
     assert (local / "artifacts" / "pipeline.yaml").is_file()
     assert (local / "artifacts" / "pipeline.pt").is_file()
     # The example is an 8x8 crop, not the whole cube (it is stored as JSON).

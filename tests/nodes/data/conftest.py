@@ -10,39 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-SHARED_ABU = REPO_ROOT.parent / "shared" / "data" / "abu"
-
-SESSION_SCENES = ["abu-airport-1", "abu-airport-2", "abu-airport-3", "abu-urban-4", "abu-urban-5"]
-EXTRA_SCENES = ["abu-urban-1", "abu-urban-2", "abu-beach-3"]
-
-
-def _scene_path(name: str) -> Path:
-    """The repo's bundled copy (data/session or data/extra) if pulled, else the shared one."""
-    sub = "session" if name in SESSION_SCENES else "extra"
-    for candidate in (REPO_ROOT / "data" / sub / f"{name}.mat", SHARED_ABU / f"{name}.mat"):
-        if candidate.is_file():
-            return candidate
-    pytest.skip(f"{name}.mat not found (run `dvc pull`)")
-
-
-@pytest.fixture
-def scene() -> Callable[[str], Path]:
-    """Path of a real ABU scene by name (skips the test when neither copy exists)."""
-    return _scene_path
-
-
-@pytest.fixture
-def session_paths() -> list[Path]:
-    """The five Los Angeles scenes of the bundled session, in frame-id order."""
-    return [_scene_path(n) for n in SESSION_SCENES]
-
-
-@pytest.fixture
-def extra_paths() -> list[Path]:
-    """The three other scenes (different band counts)."""
-    return [_scene_path(n) for n in EXTRA_SCENES]
-
 
 @pytest.fixture
 def make_cube() -> Callable[..., tuple[np.ndarray, np.ndarray]]:

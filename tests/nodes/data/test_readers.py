@@ -25,14 +25,14 @@ from nodes.errors import DataValidationError
 
 # From shared/data/README.md: bands, anomaly pixels and stored dtype per scene.
 SCENE_FACTS = {
-    "abu-airport-1": (205, 144, "uint16"),
-    "abu-airport-2": (205, 87, "uint16"),
-    "abu-airport-3": (205, 170, "int16"),
-    "abu-urban-4": (205, 272, "int16"),
-    "abu-urban-5": (205, 232, "int16"),
-    "abu-urban-1": (204, 67, "int16"),
-    "abu-urban-2": (207, 155, "int16"),
-    "abu-beach-3": (188, 11, "int16"),
+    "airport-1": (205, 144, "uint16"),
+    "airport-2": (205, 87, "uint16"),
+    "airport-3": (205, 170, "int16"),
+    "urban-4": (205, 272, "int16"),
+    "urban-5": (205, 232, "int16"),
+    "urban-1": (204, 67, "int16"),
+    "urban-2": (207, 155, "int16"),
+    "beach-3": (188, 11, "int16"),
 }
 
 ScenePath = Callable[[str], Path]
@@ -41,9 +41,9 @@ ScenePath = Callable[[str], Path]
 
 
 @pytest.mark.parametrize("name", sorted(SCENE_FACTS))
-def test_real_scene_matches_published_facts(name: str, scene: ScenePath) -> None:
+def test_real_scene_matches_published_facts(name: str, scene_path: ScenePath) -> None:
     bands, anomalies, dtype = SCENE_FACTS[name]
-    (frame,) = read_frames(scene(name))
+    (frame,) = read_frames(scene_path(name))
     assert frame.cube.shape == (100, 100, bands)
     assert frame.cube.dtype == np.float32
     assert frame.mask.dtype == bool and frame.mask.shape == (100, 100)
@@ -54,8 +54,8 @@ def test_real_scene_matches_published_facts(name: str, scene: ScenePath) -> None
     assert frame.index == 0 and frame.labelled
 
 
-def test_mat_values_are_the_file_values(scene: ScenePath) -> None:
-    path = scene("abu-airport-1")
+def test_mat_values_are_the_file_values(scene_path: ScenePath) -> None:
+    path = scene_path("airport-1")
     raw = scipy.io.loadmat(str(path))
     (frame,) = read_frames(path)
     np.testing.assert_array_equal(frame.cube, raw["data"].astype(np.float32))
@@ -63,9 +63,9 @@ def test_mat_values_are_the_file_values(scene: ScenePath) -> None:
 
 
 def test_count_frames_of_single_frame_files(
-    scene: ScenePath, make_npz: Callable[..., Path]
+    scene_path: ScenePath, make_npz: Callable[..., Path]
 ) -> None:
-    assert count_frames(scene("abu-urban-4")) == 1
+    assert count_frames(scene_path("urban-4")) == 1
     assert count_frames(make_npz()) == 1
 
 
@@ -127,9 +127,9 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     assert str(path) in msg and "'.tif'" in msg and ".mat" in msg and ".cu3s" in msg
 
 
-def test_truncated_mat(tmp_path: Path, scene: ScenePath) -> None:
+def test_truncated_mat(tmp_path: Path, scene_path: ScenePath) -> None:
     path = tmp_path / "cut.mat"
-    path.write_bytes(scene("abu-airport-1").read_bytes()[:100_000])
+    path.write_bytes(scene_path("airport-1").read_bytes()[:100_000])
     with pytest.raises(DataValidationError) as err:
         read_frames(path)
     assert str(path) in str(err.value) and "truncated or corrupt" in str(err.value)
@@ -236,8 +236,8 @@ def test_wavelength_count_mismatch(make_npz: Callable[..., Path]) -> None:
         read_frames(path)
 
 
-def test_expected_channels_names_file_and_both_counts(scene: ScenePath) -> None:
-    path = scene("abu-urban-1")
+def test_expected_channels_names_file_and_both_counts(scene_path: ScenePath) -> None:
+    path = scene_path("urban-1")
     with pytest.raises(DataValidationError) as err:
         read_frames(path, expected_channels=205)
     msg = str(err.value)

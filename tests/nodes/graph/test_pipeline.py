@@ -21,6 +21,8 @@ from nodes import (
     AnomalyDetectionMetrics,
     BinaryDecider,
     ConfigError,
+    CubelineError,
+    DataValidationError,
     MinMaxNormalizer,
     Node,
     NotInitializedError,
@@ -226,7 +228,7 @@ def test_execution_stages(fitted: Pipeline, cubes: Any) -> None:
 
 
 def test_custom_execution_stages_and_missing_upstream() -> None:
-    with pytest.raises(Exception, match="unknown execution stages"):
+    with pytest.raises(CubelineError, match="unknown execution stages"):
         ScoreToLogit(name="h", execution_stages=["training"])
     pipe = Pipeline("p")
     data = AnomalyDataNode()
@@ -266,7 +268,7 @@ def test_data_node_batch_contract() -> None:
     assert out["mask"].sum() == 2 and out["mask"][0, 1, 1] and out["mask"][1, 2, 2]
     assert out["wavelengths"].shape == (2, 4)
     assert data.run_batch({"cube": cube})["mask"].sum() == 0
-    with pytest.raises(Exception, match="no 'cube'"):
+    with pytest.raises(DataValidationError, match="no 'cube'"):
         data.run_batch({"mask": torch.zeros(1, 2, 2)})
 
 
@@ -291,7 +293,7 @@ def test_unfreeze_and_freeze_keep_state_dict_keys(fitted: Pipeline) -> None:
 def test_unfreeze_errors(cubes: Any, fitted: Pipeline) -> None:
     with pytest.raises(PipelineError, match=r"unknown nodes \['rx_detector'\]"):
         fitted.unfreeze_nodes_by_name(["rx_detector"])
-    with pytest.raises(Exception, match="nothing to train"):
+    with pytest.raises(CubelineError, match="nothing to train"):
         fitted.unfreeze_nodes_by_name(["rx", "decider"])
     assert fitted.unfrozen_node_names() == []  # all or nothing
     fresh = build_channel_selector_pipeline(input_channels=cubes.channels, n_select=4)
