@@ -344,7 +344,7 @@ def main() -> None:
     from tasks.env import disable_telemetry
 
     disable_telemetry()
-    from tasks.sharding import TaskRunnerMap, _shard_key, _worker_api_url, dask_task_runner
+    from tasks.sharding import TaskRunnerMap, _shard_key, dask_task_runner, worker_api_url
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
@@ -352,7 +352,7 @@ def main() -> None:
     capacity_start = parallel_capacity()
     print(f"2-process capacity now: x{capacity_start['capacity']} (ideal 2.0)", flush=True)
     t = time.perf_counter()
-    api = _worker_api_url()
+    api = worker_api_url()
     api_start_s = time.perf_counter() - t
     print(f"Prefect API {api} ready in {api_start_s:.1f} s", flush=True)
 

@@ -79,8 +79,8 @@ def tune_allocator() -> dict[str, bool]:
 
     A Phase-1 batch allocates and frees buffers of 16-64 MB (frames, the stacked batch, the
     selected pixels). glibc maps every block above its mmap threshold (32 MB at most by
-    default) afresh and unmaps it on free, so each batch faults its pages in again: measured
-    here (1 thread, 16 cubes of 256 x 256 x 61), 0.3 s of 0.9 s was kernel time. With the
+    default) afresh and unmaps it on free, so each batch faults its pages in again (kernel time
+    that ``bench/phase1.py`` shows). With the
     threshold at 1 GiB and heap trimming off, freed blocks are reused; the process keeps its
     peak heap (about one shard's frames) until it exits. Applied to the local Dask workers
     cubeline starts (never to a remote cluster's workers) and to the ``cubeline`` command's own

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from nodes.errors import ConfigError
 from nodes.training.config import ConfigModel, TrainingConfig
 from tasks.registry import GateConfig
+from tasks.sharding import ShardingConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -70,21 +71,13 @@ class PipelineParams(ConfigModel):
     selector_mode: Literal["hard", "soft", "auto"] = "hard"
 
 
-class ShardingParams(ConfigModel):
-    """Where Phase 1 runs: in this process, or sharded on Dask (ray: see docs/scaling.md)."""
-
-    runner: Literal["inprocess", "dask", "ray"] = "inprocess"
-    address: str | None = None
-    n_shards: Annotated[int, Field(ge=1)] = 1
-
-
 class Phase1Params(ConfigModel):
     """Statistical initialization (:class:`nodes.StatisticalTrainer`)."""
 
     normal_only: bool = True
     sample_fraction: Fraction | None = None
     seed: Annotated[int, Field(ge=0)] = 0
-    sharding: ShardingParams = Field(default_factory=ShardingParams)
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
     init_check: Literal["log", "warn", "refuse", "off"] = "log"
 
 

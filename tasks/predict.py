@@ -114,9 +114,9 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from nodes.accumulators import BinnedCurve
     from nodes.data.datamodule import CubeDataModule
     from nodes.training.statistical_trainer import StatisticalTrainer
-    from tasks.tracking import average_precision, roc_curve
     from tasks.versioning import ensure_data
 
     params = load_params(params_path)
@@ -159,14 +159,14 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
                 outputs=["rx.scores"],
             )
             s = out["rx.scores"][0].double().numpy()
-            _, _, auc = roc_curve(s, fr.mask)
+            curve = BinnedCurve.from_samples(s, fr.mask)
             rows.append(
                 {
                     "frame": Path(fr.source).name,
                     "split": split_of[fid],
                     "anomaly_px": int(fr.mask.sum()),
-                    "auroc": auc,
-                    "ap": average_precision(s, fr.mask),
+                    "auroc": curve.auroc(),
+                    "ap": curve.average_precision(),
                 }
             )
     return {

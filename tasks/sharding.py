@@ -25,21 +25,23 @@ On Dask each shard is a Prefect task run as ``prefect_dask`` submits it (``run_t
 the worker), except that the driver's settings are serialized once per settings object and
 validated once per worker (:func:`run_prefect_task`) rather than once per task run
 (``bench/sharded.py`` times the orchestration of a pass).
+
+Why one module of about 400 lines: the shard task, its per-worker settings cache (a lock and
+a token map) and the runner that submits to it share that state; the task runners and the
+``phase1.sharding`` config live in :mod:`tasks.task_runners`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pickle
 import threading
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from nodes.errors import ConfigError, CubelineError, TrainingError
+from nodes.errors import CubelineError, TrainingError
 from nodes.training.sharding import (
     ShardDataSpec,
     ShardedPassRunner,
@@ -47,166 +49,19 @@ from nodes.training.sharding import (
     release_shard_cache,
     run_shard,
 )
-from tasks.env import TELEMETRY_ENV, tune_allocator
+from tasks.env import tune_allocator
+from tasks.task_runners import (
+    ShardingConfig,
+    check_ray,
+    dask_task_runner,
+    dask_worker_address,
+    ray_task_runner,
+    worker_api_url,
+)
 
-RUNNERS = ("inprocess", "dask", "ray")
 SHARD_TASK_NAME = "fit_statistics_shard"
 #: Bump when a shard task's behaviour changes in a way its source cannot show.
 SHARD_TASK_VERSION = "1"
-
-#: Worker processes run one thread each: numpy/scipy BLAS and torch's OpenMP pool read these
-#: when they load, so they go into the worker's environment before it imports anything.
-SINGLE_THREAD_ENV: dict[str, str] = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
-
-_FIELD = "params.yaml phase1.sharding"
-
-
-@dataclass(frozen=True)
-class ShardingConfig:
-    """Where Phase 1 runs (``params.yaml`` ``phase1.sharding``).
-
-    Attributes:
-        runner: ``inprocess``, ``dask`` or ``ray``.
-        address: Scheduler address of a running cluster (Dask ``tcp://host:8786``, Ray
-            ``ray://host:10001``); None starts a local Dask cluster (never a local Ray).
-        n_shards: Shards per pass (at most one per training frame).
-        n_workers: Worker processes of the local Dask cluster (default ``min(n_shards, CPUs)``).
-    """
-
-    runner: str = "inprocess"
-    address: str | None = None
-    n_shards: int = 1
-    n_workers: int | None = None
-
-    @classmethod
-    def from_any(cls, cfg: Any) -> ShardingConfig:
-        """Read a config from a mapping, an object with the same attributes, or None.
-
-        Raises:
-            ConfigError: Unknown runner, or a non-positive shard/worker count.
-        """
-        if cfg is None:
-            return cls()
-        if isinstance(cfg, ShardingConfig):
-            return cfg
-
-        def get(key: str, default: Any = None) -> Any:
-            if isinstance(cfg, Mapping):
-                return cfg.get(key, default)
-            return getattr(cfg, key, default)
-
-        runner = str(get("runner", "inprocess"))
-        if runner not in RUNNERS:
-            raise ConfigError(
-                f"{_FIELD}.runner = {runner!r} is unknown. Fix: use one of {list(RUNNERS)}."
-            )
-        address = get("address")
-        counts: dict[str, int | None] = {}
-        for key, default in (("n_shards", 1), ("n_workers", None)):
-            value = get(key, default)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ConfigError(
-                    f"{_FIELD}.{key} = {value!r}: must be a positive integer. Fix: e.g. 2."
-                )
-            counts[key] = value
-        return cls(runner=runner, address=str(address) if address else None,
-                   n_shards=int(counts["n_shards"] or 1), n_workers=counts["n_workers"])
-
-
-# ---------------------------------------------------------------------------- task runners
-def _worker_api_url() -> str:
-    """The Prefect API shard workers report to: the configured one, else the driver's own.
-
-    Without ``PREFECT_API_URL`` every process would start its own temporary API server (10-27 s
-    each here); asking for a client starts the driver's (once per process) and gives its URL.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if url:
-        return str(url)
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return str(client.api_url).rstrip("/")
-
-
-def _worker_env() -> dict[str, str]:
-    """Environment of worker processes: telemetry off, one BLAS/OpenMP thread."""
-    # Shards run outside a flow when Phase 1 is called directly (tests, benchmarks); Prefect
-    # then warns on every log record that it cannot send it to the API.
-    quiet = os.environ.get("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    return {**TELEMETRY_ENV, **SINGLE_THREAD_ENV,
-            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": quiet}
-
-
-def dask_task_runner(address: str | None, n_workers: int, api_url: str) -> Any:
-    """A ``prefect_dask.DaskTaskRunner``: on ``address``, else on a new loopback LocalCluster.
-
-    The local cluster has ``n_workers`` processes of one thread each, listens on 127.0.0.1
-    only, has no dashboard, and passes the telemetry switches, single-thread BLAS and the API
-    URL to its workers' environment.
-    """
-    from prefect_dask import DaskTaskRunner
-
-    if address:
-        return DaskTaskRunner(address=address)
-    env = {**_worker_env(), "PREFECT_API_URL": api_url}
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": n_workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "host": "127.0.0.1",
-            "dashboard_address": None,
-            "env": env,
-        },
-    )
-
-
-def ray_task_runner(address: str | None, api_url: str) -> Any:
-    """A ``prefect_ray.RayTaskRunner`` connected to the running Ray cluster at ``address``.
-
-    Raises:
-        ConfigError: prefect-ray is not installed, or no address is given (cubeline does not
-            start a local Ray instance).
-    """
-    _check_ray(address)
-    from prefect_ray import RayTaskRunner
-
-    env = {**_worker_env(), "PREFECT_API_URL": api_url}
-    return RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
-
-
-def _check_ray(address: str | None) -> None:
-    if importlib.util.find_spec("prefect_ray") is None:
-        raise ConfigError(
-            f"{_FIELD}.runner = 'ray' needs prefect-ray, which is not installed here (and Ray "
-            "is not started on these machines: it probes cloud metadata addresses at start). "
-            "Fix: use runner 'dask', or on a machine that runs a Ray cluster `pip install "
-            "prefect-ray` and set address to it (see docs/scaling.md)."
-        )
-    if not address:
-        raise ConfigError(
-            f"{_FIELD}.runner = 'ray' needs {_FIELD}.address of a running Ray cluster (e.g. "
-            "ray://head-node:10001); cubeline does not start a local Ray instance. Fix: start "
-            "the cluster with `ray start --head` and set the address."
-        )
-
-
-def _dask_worker_address() -> str | None:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except (ImportError, ValueError):  # not inside a Dask worker
-        return None
 
 
 def fit_statistics_shard(payload: bytes, shard_index: int = 0) -> dict[str, Any]:
@@ -229,7 +84,7 @@ def fit_statistics_shard(payload: bytes, shard_index: int = 0) -> dict[str, Any]
     if not isinstance(shard, ShardTask):
         raise TrainingError(f"fit_statistics_shard got a {type(shard).__name__}, not a ShardTask")
     result = run_shard(shard)
-    result["dask_worker"] = _dask_worker_address()
+    result["dask_worker"] = dask_worker_address()
     return result
 
 
@@ -307,8 +162,8 @@ def task_run_context(task: Any, task_run_id: Any,
                      dependencies: dict[str, set[Any]]) -> dict[str, Any]:
     """``prefect.context.serialize_context`` for one task run, without the settings.
 
-    The settings travel separately (:func:`run_prefect_task`): serializing them costs about
-    50 ms per task run on the driver, and they do not change between the shards of a fit.
+    The settings travel separately (:func:`run_prefect_task`): serializing them is a large
+    part of a task run's cost on the driver, and they do not change between the shards of a fit.
     """
     import prefect.context as pctx
 
@@ -374,7 +229,7 @@ class TaskRunnerMap:
     def start(self) -> Any:
         """Start the task runner and, on Dask, its cluster (idempotent); returns the runner."""
         if self._runner is None:
-            self._api_url = _worker_api_url()
+            self._api_url = worker_api_url()
             runner = self._make_runner(self._api_url)
             runner.__enter__()
             try:
@@ -383,8 +238,8 @@ class TaskRunnerMap:
 
                     # distributed's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in new workers; glibc
                     # then drops its adaptive mmap threshold, so every frame-sized array is
-                    # mapped and faulted in afresh: reading a 256 x 256 x 61 .npz took twice as
-                    # long as in the driver (measured). Workers keep glibc's defaults instead.
+                    # mapped and faulted in afresh (``bench/sharded.py`` shows the cost).
+                    # Workers keep glibc's defaults instead.
                     unset = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
                     with dask.config.set(unset):
                         runner.client  # noqa: B018 -- creates the (local) cluster now
@@ -537,7 +392,7 @@ def make_shard_runner(sharding_cfg: Any, data_cfg: ShardDataSpec | Any, *,
     is done (or use :func:`shard_runner_scope`).
 
     Args:
-        sharding_cfg: ``phase1.sharding`` (``ShardingParams``, a mapping or
+        sharding_cfg: ``phase1.sharding`` (``ShardingConfig``, a mapping or
             :class:`ShardingConfig`).
         data_cfg: The training frames: a :class:`~nodes.training.sharding.ShardDataSpec` or the
             file-backed ``CubeDataModule`` of the fit.
@@ -557,7 +412,7 @@ def make_shard_runner(sharding_cfg: Any, data_cfg: ShardDataSpec | Any, *,
         data_cfg)
     workers = n_workers or cfg.n_workers or max(1, min(cfg.n_shards, os.cpu_count() or 1))
     if cfg.runner == "ray":
-        _check_ray(cfg.address)  # fail now, not at the first pass
+        check_ray(cfg.address)  # fail now, not at the first pass
         address = cfg.address
         task_map = TaskRunnerMap(lambda url: ray_task_runner(address, url), kind="ray")
     else:

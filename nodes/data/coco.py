@@ -16,6 +16,9 @@ segmentations:
 RLE runs alternate background/foreground starting with background and walk the image in
 column-major (Fortran) order. The class id of a pixel is the annotation's ``category_id``
 (0 = background, unannotated); where annotations overlap, the later one in the file wins.
+
+Why one module of about 400 lines: one file format (polygons, both RLE forms, their
+validation and error messages) whose parts only make sense together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The typed-port pipeline: building, checking, running, saving and loading a node graph."""
+"""The typed-port pipeline: building, checking, running, saving and loading a node graph.
+
+Why one module of over 400 lines: :class:`Pipeline` is one class whose methods are the
+guide's public API (``add_node``, ``connect``, ``forward``, ``save_to_file``,
+``load_from_file``, ``unfreeze_nodes_by_name``); ports and nodes live in their own modules.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Counts come from torchmetrics' ``BinaryStatScores``; AP and AUROC are *binned*: a torchmetrics
 ``Metric`` counts normal and anomalous pixels per logit bin (``bucketize`` + ``bincount``, so an
 update is O(N log T) instead of the O(N·T) comparisons of a threshold sweep), and the precision-
-recall and ROC curves at every bin edge follow from reverse cumulative sums. Memory does not grow
+recall and ROC curves at every bin edge follow from reverse cumulative sums
+(:mod:`nodes.accumulators`, shared with threshold calibration). Memory does not grow
 with the number of pixels and the states all-reduce (sum) across DDP ranks.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryStatScores
 
+from nodes.accumulators import BinnedCurve, count_slots
 from nodes.errors import NoAnomaliesWarning
 from nodes.graph.base import Node
 from nodes.graph.ports import PortSpec
@@ -28,6 +30,13 @@ _MAP = ("B", "H", "W")
 
 class BinnedScoreCounts(Metric):
     """Per-bin counts of normal and anomalous scores on a fixed grid; AP and AUROC from them.
+
+    The counting (:func:`~nodes.accumulators.count_slots`) and the curves
+    (:class:`~nodes.accumulators.BinnedCurve`) are the ones threshold calibration uses; this
+    class adds torchmetrics' state handling (DDP all-reduce, ``merge_state``) and follows the
+    :class:`~nodes.accumulators.Accumulator` contract. Its counts stay out of the pipeline's
+    ``state_dict`` (torchmetrics' default, so saved weights hold no epoch counts); call
+    ``persistent(True)`` to checkpoint them.
 
     Args:
         low: Lowest bin edge.
@@ -43,32 +52,30 @@ class BinnedScoreCounts(Metric):
     def __init__(self, low: float = -40.0, high: float = 40.0, num_bins: int = 4000) -> None:
         super().__init__()
         self.register_buffer("edges", torch.linspace(low, high, num_bins + 1), persistent=False)
-        self.add_state("normal", torch.zeros(num_bins + 2, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("anomalous", torch.zeros(num_bins + 2, dtype=torch.long),
-                       dist_reduce_fx="sum")
+        for state in ("normal", "anomalous"):
+            self.add_state(state, torch.zeros(num_bins + 2, dtype=torch.long),
+                           dist_reduce_fx="sum")
 
     def update(self, scores: Tensor, targets: Tensor) -> None:
         """Count a batch of scores (any shape) with boolean targets of the same shape."""
-        s = scores.detach().reshape(-1).to(self.edges.dtype)
-        t = targets.reshape(-1).bool()
-        idx = torch.bucketize(s, self.edges, right=True)  # bin k holds edges[k-1] <= s < edges[k]
-        size = self.normal.numel()
-        self.normal += torch.bincount(idx[~t], minlength=size)
-        self.anomalous += torch.bincount(idx[t], minlength=size)
+        normal, anomalous = count_slots(scores, targets, self.edges)
+        self.normal += normal
+        self.anomalous += anomalous
+
+    def merge(self, other: BinnedScoreCounts) -> BinnedScoreCounts:
+        """Add ``other``'s counts into this metric (in place) and return it."""
+        self.merge_state(other)
+        return self
+
+    def curve(self) -> BinnedCurve:
+        """The confusion counts at every bin edge."""
+        return BinnedCurve.from_counts(self.edges, self.normal, self.anomalous)
 
     def compute(self) -> dict[str, Tensor]:
         """AP and AUROC of the rule ``score >= edge`` over every edge."""
-        # Pixels at or above each bin start, from the top bin down (thresholds descending).
-        tp = self.anomalous.flip(0).cumsum(0).double()
-        fp = self.normal.flip(0).cumsum(0).double()
-        pos, neg = tp[-1], fp[-1]
-        recall = tp / pos.clamp_min(1)
-        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.ones_like(tp))
-        ap = ((recall - torch.cat([recall.new_zeros(1), recall[:-1]])) * precision).sum()
-        tpr = torch.cat([tp.new_zeros(1), recall])
-        fpr = torch.cat([fp.new_zeros(1), fp / neg.clamp_min(1)])
-        auroc = torch.trapezoid(tpr, fpr)
-        return {"ap": ap, "auroc": auroc}
+        curve = self.curve()
+        return {"ap": torch.tensor(curve.average_precision(), dtype=torch.float64),
+                "auroc": torch.tensor(curve.auroc(), dtype=torch.float64)}
 
 
 @register_node

@@ -15,6 +15,11 @@ started from: the Phase-1 state is scored on the validation split before the fir
 validation epoch's weights are kept in memory when they beat the best so far on the monitored
 metric, and after training the pipeline gets the best epoch's weights, or the Phase-1 state
 back when no epoch beat it. :attr:`GradientTrainer.report` (a :class:`Phase2Report`) says which.
+
+Why one module of over 400 lines: the Lightning wrapper, the trainer and the threshold
+calibration after ``fit`` share one training loop's state; configs, optimizers and results
+live in :mod:`~nodes.training.config`, :mod:`~nodes.training.optim`,
+:mod:`~nodes.training.results`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ one extra pass each, once everything upstream of them is fitted. In a pipeline w
 node, an unconnected ``data`` input reads the batch's cube
 (:data:`nodes.graph.pipeline.BATCH_CUBE`),
 so a statistical node added alone can be fitted.
+
+Why one module of over 400 lines: the pass planner, the pass and the fitting order are one
+algorithm (a plan is only meaningful to the pass that runs it); the accumulators, shards and
+state files live in their own modules.
 """
 
 from __future__ import annotations

@@ -193,7 +193,10 @@ def _fused_backend() -> ModuleType | None:
 
 
 class MomentAccumulator:
-    """Streaming accumulator of :class:`MomentState` with ``update / merge / finalize``.
+    """Streaming accumulator of :class:`MomentState`.
+
+    It follows the :class:`~nodes.accumulators.Accumulator` contract (``update / merge /
+    compute / reset / state_dict``).
 
     Each ``update`` shifts the batch by a reference point near the mean (the running mean),
     converts it to float64 chunk by chunk, and sums its Gram matrix ``Y^T Y`` and column sums
@@ -203,9 +206,8 @@ class MomentAccumulator:
     ``X^T X`` plus a cheap copy.
 
     On CUDA, where Triton is installed, one fused kernel (:mod:`nodes.training.stats_cuda`) reads
-    each
-    sample once and sums the same float64 quantities (no scratch copy; ``chunk`` does not apply);
-    elsewhere the torch path below runs.
+    each sample once and sums the same float64 quantities (no scratch copy; ``chunk`` does not
+    apply); elsewhere the torch path below runs.
 
     Args:
         num_channels: Number of channels C.
@@ -371,14 +373,22 @@ class MomentAccumulator:
             return ysum, gram, None, None
         return ysum, gram, torch.from_numpy(lo), torch.from_numpy(hi)
 
-    def merge(self, other: MomentAccumulator | MomentState) -> None:
-        """Merge another accumulator's (or a raw state's) samples into this one."""
+    def merge(self, other: MomentAccumulator | MomentState) -> MomentAccumulator:
+        """Merge another accumulator's (or a raw state's) samples into this one; returns self."""
         st = other.state if isinstance(other, MomentAccumulator) else other
         self.state = self.state.merge(st)
+        return self
 
-    def finalize(self) -> MomentState:
+    def compute(self) -> MomentState:
         """The accumulated state (the accumulator stays usable)."""
         return self.state
+
+    finalize = compute
+
+    def reset(self) -> None:
+        """Back to no samples (same channels and device)."""
+        self.state = MomentState.empty(self.num_channels, device=self.state.mean.device)
+        self._count = (self.state, 0)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Checkpointable state."""

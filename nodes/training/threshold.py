@@ -2,8 +2,9 @@
 
 A validation session has millions of pixels, so scores are never kept: :class:`ScoreHistogram`
 counts them in fixed bins (float64 counts, normal and anomalous pixels apart), can be updated batch
-by batch, merged across workers and checkpointed as a plain tensor dict — the same contract as the
-Phase-1 statistics accumulators.
+by batch, merged across workers and checkpointed as a plain tensor dict — the
+:class:`~nodes.accumulators.Accumulator` contract of the Phase-1 statistics; binning and curves
+are :mod:`nodes.accumulators`' (shared with the AP / AUROC metric).
 
 Thresholds are chosen among the bin edges, where the counts answer exactly how many pixels score
 ``>= t``: the confusion matrix at every edge comes from one reverse cumulative sum.
@@ -20,6 +21,9 @@ Thresholds are in the units of the scores fed in. The pipeline feeds logits whil
 ``BinaryDecider`` compares ``sigmoid(logit)`` with a probability; :func:`logit_to_probability`
 converts (sigmoid is monotone, so ``logit >= t`` and ``sigmoid(logit) >= sigmoid(t)`` agree up to
 float32 saturation of the sigmoid beyond about ±17).
+
+Why one module of about 400 lines: the histogram, its curve and the calibration rules are
+one unit (the rules read only the histogram's curve); apart they would import each other.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nodes.accumulators import BinnedCurve, count_slots
 from nodes.errors import ConfigError, DataValidationError
 
 __all__ = [
@@ -146,13 +151,9 @@ class ScoreHistogram:
                 f"ScoreHistogram.update: {n_nan} NaN score(s); NaN scores usually come from an "
                 "unfitted or diverged node. Check the model's outputs before calibrating."
             )
-        # right=True: edges[j-1] <= s < edges[j] -> j, s < edges[0] -> 0, s >= edges[-1] -> n+1.
-        slot = torch.bucketize(s, self.edges, right=True)
-        size = self.n_bins + 2
-        both = torch.bincount(slot * 2 + t.to(torch.int64), minlength=2 * size)
-        both = both.to(torch.float64).reshape(size, 2)
-        self.counts_normal += both[:, 0]
-        self.counts_anomalous += both[:, 1]
+        normal, anomalous = count_slots(s, t, self.edges)
+        self.counts_normal += normal.to(torch.float64)
+        self.counts_anomalous += anomalous.to(torch.float64)
 
     def _check_compatible(self, other: ScoreHistogram) -> None:
         if (self.low, self.high, self.n_bins) != (other.low, other.high, other.n_bins):
@@ -173,6 +174,19 @@ class ScoreHistogram:
         self.counts_anomalous += other.counts_anomalous
         return self
 
+    def compute(self) -> ThresholdCalibration:
+        """The calibrated threshold (``calibrate_threshold(self)``, method ``"auto"``)."""
+        return calibrate_threshold(self)
+
+    def curve(self) -> BinnedCurve:
+        """Confusion counts at ``-inf``, every edge and ``+inf``."""
+        return BinnedCurve.from_counts(self.edges, self.counts_normal, self.counts_anomalous)
+
+    def reset(self) -> None:
+        """Clear the counts (same bins)."""
+        self.counts_normal.zero_()
+        self.counts_anomalous.zero_()
+
     def state_dict(self) -> dict[str, Tensor]:
         """Plain tensor state for checkpoints and inter-process transfer."""
         return {
@@ -180,6 +194,14 @@ class ScoreHistogram:
             "counts_normal": self.counts_normal.clone(),
             "counts_anomalous": self.counts_anomalous.clone(),
         }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> ScoreHistogram:
+        """Restore :meth:`state_dict` output into this histogram (its bins must match)."""
+        other = ScoreHistogram.from_state_dict(state)
+        self._check_compatible(other)
+        self.counts_normal = other.counts_normal
+        self.counts_anomalous = other.counts_anomalous
+        return self
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> ScoreHistogram:
@@ -263,9 +285,9 @@ def probability_to_logit(probability: float) -> float:
 
 @dataclass(frozen=True)
 class _Curve:
-    """Counts of pixels flagged (score >= threshold) at each candidate threshold.
+    """The histogram's curve as numpy, candidates restricted to the edges and ``+inf``.
 
-    Candidates are the ``n_bins + 1`` edges followed by ``+inf`` (flag nothing).
+    ``-inf`` (flag everything, underflow included) is not a threshold one can calibrate to.
     """
 
     thresholds: np.ndarray
@@ -276,19 +298,13 @@ class _Curve:
 
 
 def _curve(hist: ScoreHistogram) -> _Curve:
-    def flagged(counts: Tensor) -> np.ndarray:
-        c = counts.numpy()
-        # tail[j] = pixels in slots >= j; edge k flags slots >= k + 1; +inf flags none.
-        tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0.0]])
-        return tail[1:]
-
-    thresholds = np.concatenate([hist.edges.numpy(), [np.inf]])
+    curve = hist.curve()
     return _Curve(
-        thresholds=thresholds,
-        fp=flagged(hist.counts_normal),
-        tp=flagged(hist.counts_anomalous),
-        n_normal=float(hist.counts_normal.sum().item()),
-        n_anomalous=float(hist.counts_anomalous.sum().item()),
+        thresholds=curve.thresholds[1:].numpy(),
+        fp=curve.fp[1:].numpy(),
+        tp=curve.tp[1:].numpy(),
+        n_normal=curve.n_normal,
+        n_anomalous=curve.n_anomalous,
     )
 
 

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from nodes.errors import ConfigError
+from nodes.training.config import ConfigModel
 
 if TYPE_CHECKING:
     pass
@@ -32,7 +33,7 @@ THRESHOLD_METRIC = "decision_threshold_logit"
 _MARGIN_RTOL = 1e-9
 
 
-class GateConfig(BaseModel):
+class GateConfig(ConfigModel):
     """Promotion gate: which metric decides, in which direction, by what margin.
 
     Attributes:
@@ -45,8 +46,6 @@ class GateConfig(BaseModel):
         absolute_maximums: Maximums (``metric <= value``), for lower-is-better metrics such as
             a loss; always apply too.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     metric: str = "metrics_anomaly/ap"
     mode: Literal["max", "min"] = "max"
@@ -68,17 +67,13 @@ class GateConfig(BaseModel):
         Raises:
             ConfigError: Unknown key, wrong type, negative margin.
         """
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<section>'}: {err['msg']}"
-                for err in exc.errors()
-            )
+        if not isinstance(data, Mapping):
             raise ConfigError(
-                f"{source}: invalid promotion gate ({problems}). Fix: use the keys metric, mode "
-                "(max|min), min_improvement (>= 0), absolute_thresholds, absolute_maximums."
-            ) from exc
+                f"{source}: the promotion gate must be a mapping with the keys metric, mode "
+                f"(max|min), min_improvement (>= 0), absolute_thresholds, absolute_maximums; "
+                f"got {type(data).__name__}."
+            )
+        return cls.from_dict(dict(data), source=source)
 
 
 GateLike = GateConfig | BaseModel | Mapping[str, Any]

@@ -4,6 +4,9 @@ Moving an alias is one ``set_registered_model_alias`` call, a single row upsert 
 database: at every instant ``champion`` names the old or the new version, never none. The moves
 run inside a Prefect transaction whose rollback hooks put the previous aliases back, under the
 registry lock (:mod:`tasks.registry.lock`), so concurrent registrations serialize.
+
+Why one module of about 400 lines: the public operations share one lock-decide-move sequence
+(and its rollback hooks); the pure gate is :mod:`tasks.registry.gate`.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ def make_lightning_logger(
 
     Metrics are buffered and written in one ``log_batch`` once ``flush_interval_s`` has passed
     since the last write, and at ``finalize`` (also when ``fit`` fails): the stock logger's
-    one store transaction per logging call cost ~0.1 s an epoch with the SQLite store here,
+    one store transaction per logging call adds up over an epoch with the SQLite store,
     while a long training still shows its curves in the UI every ``flush_interval_s``. (MLflow's
-    own asynchronous logging was measured too: its flush waits up to 1 s on an idle queue, twice
-    per run.) Each metric keeps the step and the time at which Lightning logged it.
+    own asynchronous logging was tried too: its flush waits on an idle queue, twice per run.)
+    Each metric keeps the step and the time at which Lightning logged it.
 
     Args:
         run_id: The flow's MLflow run.

@@ -1,7 +1,10 @@
 """Evaluation artifacts: ROC and precision-recall curves, score histograms, anomaly maps.
 
-Curves after Fawcett (2006), "An introduction to ROC analysis"; average precision as the
-step-wise area, as in scikit-learn. matplotlib is imported only when a plot is drawn.
+Curves and their areas come from :class:`nodes.accumulators.BinnedCurve`, the one binned-curve
+implementation of the project, on ``SAMPLE_BINS`` equal-width plus as many equal-count bins
+(within about ``1 / SAMPLE_BINS`` of the exact sorting curves, which the tests use as oracle).
+Average precision is the step-wise area, as in scikit-learn. matplotlib is imported only when a
+plot is drawn.
 """
 
 from __future__ import annotations
@@ -10,65 +13,38 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from nodes.accumulators import BinnedCurve
 from nodes.errors import DataValidationError
-
-if TYPE_CHECKING:
-    pass
 from tasks.tracking.lineage import _resolve_run_id
 
 
-def _binary_counts(
-    scores: np.ndarray, targets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative true/false positives at each distinct score, highest score first."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    t = np.asarray(targets, dtype=bool).ravel()
-    order = np.argsort(s, kind="mergesort")[::-1]
-    s, t = s[order], t[order]
-    # The last index of each run of tied scores: a threshold cannot split ties.
-    distinct = np.flatnonzero(np.diff(s)) if s.size > 1 else np.empty(0, dtype=np.int64)
-    ends = np.r_[distinct, s.size - 1]
-    tps = np.cumsum(t, dtype=np.float64)[ends]
-    fps = (ends + 1) - tps
-    return fps, tps, s[ends]
+def _curve(scores: np.ndarray, targets: np.ndarray) -> BinnedCurve:
+    return BinnedCurve.from_samples(scores, targets)
 
 
 def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Return ``(fpr, tpr, auc)`` of a score map against boolean targets.
+    """Return ``(fpr, tpr, auc)`` of a score map against boolean targets (binned, see module).
 
     AUC is NaN when the targets hold only one class.
     """
-    fps, tps, _ = _binary_counts(scores, targets)
-    fps = np.r_[0.0, fps]
-    tps = np.r_[0.0, tps]
-    if tps[-1] == 0 or fps[-1] == 0:
-        return fps, tps, math.nan
-    fpr, tpr = fps / fps[-1], tps / tps[-1]
-    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+    curve = _curve(scores, targets)
+    fpr, tpr = curve.roc()
+    return fpr.numpy(), tpr.numpy(), curve.auroc()
 
 
 def pr_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(recall, precision)`` ordered by increasing recall, ending at (0, 1)."""
-    fps, tps, _ = _binary_counts(scores, targets)
-    if tps.size == 0 or tps[-1] == 0:
-        return np.array([0.0]), np.array([1.0])
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    # Stop once full recall is reached; lower thresholds only add false positives.
-    last = int(np.searchsorted(tps, tps[-1])) + 1
-    return np.r_[recall[:last][::-1], 0.0], np.r_[precision[:last][::-1], 1.0]
+    """Return ``(recall, precision)`` ordered by increasing recall, from (0, 1)."""
+    precision, recall = _curve(scores, targets).precision_recall()
+    return recall.numpy(), precision.numpy()
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Step-wise area under the precision-recall curve, ``sum (R_n - R_{n-1}) P_n``."""
-    recall, precision = pr_curve(scores, targets)
-    if recall.size == 1:
-        return math.nan
-    return float(-np.sum(np.diff(recall) * precision[:-1]))
+    """Step-wise area under the precision-recall curve, ``sum (R_n - R_{n-1}) P_n`` (binned)."""
+    return _curve(scores, targets).average_precision()
 
 
 def _check_eval_inputs(
@@ -238,7 +214,9 @@ def write_evaluation_plots(
     paths: dict[str, Path] = {}
     frame = (0.15, 0.12, 0.8, 0.8)  # axes box: room for tick labels, axis labels, title
 
-    fpr, tpr, auc = roc_curve(s, t)
+    curve = _curve(s, t)
+    fpr, tpr = (v.numpy() for v in curve.roc())
+    auc = curve.auroc()
     fig = _figure(4.5, 4.5)
     ax = fig.add_axes(frame)
     if math.isnan(auc):
@@ -251,8 +229,8 @@ def write_evaluation_plots(
     ax.set_title(f"ROC, {s.shape[0]} frames, {n_pos} anomaly / {n_neg} normal px", fontsize=9)
     paths["roc_curve"] = _save(fig, out_dir / "roc_curve.png")
 
-    recall, precision = pr_curve(s, t)
-    ap = average_precision(s, t)
+    precision, recall = (v.numpy() for v in curve.precision_recall())
+    ap = curve.average_precision()
     fig = _figure(4.5, 4.5)
     ax = fig.add_axes(frame)
     if math.isnan(ap):

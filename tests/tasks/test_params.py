@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
 
 from nodes.errors import ConfigError
 from nodes.training.config import TrainingConfig
@@ -96,7 +95,7 @@ def test_section_hash_rejects_unknown_section() -> None:
 
 def test_params_are_frozen() -> None:
     p = load_params(REPO)
-    with pytest.raises(ValidationError, match="frozen"):
+    with pytest.raises(ConfigError, match="frozen"):
         p.data.batch_size = 2
     assert isinstance(p, Params)
 
