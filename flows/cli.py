@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.env import VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
+from tasks.failures import EXIT_CODES, exit_code
+
+__all__ = ["EXIT_CODES", "build_parser", "exit_code", "main"]
 
 
 def _params_path(args: argparse.Namespace) -> Path:
@@ -175,6 +178,10 @@ def _start_temporary_server() -> threading.Thread:
     def start() -> None:
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
+        from tasks.lifecycle import guard_prefect_temporary_server
+
+        # Whatever ends this command (even SIGKILL), its temporary server does not outlive it.
+        guard_prefect_temporary_server()
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             return
         from prefect.server.api.server import SubprocessASGIServer
@@ -499,39 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet(args.verbose, args.command)
     if argv is None:
         _stop_on_sigterm()
-    from nodes.errors import CubelineError
+    from tasks.failures import report
 
     try:
         rc = int(args.func(args))
-    except CubelineError as exc:
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"cubeline {args.command}: error: {exc}", file=sys.stderr)
-        rc = exit_code(exc)
-    except KeyboardInterrupt:
-        rc = 130
+    except (Exception, KeyboardInterrupt) as exc:  # every failure ends in one line (tasks.failures)
+        rc = report(args.command, exc, args.verbose)
     if argv is None:
         _exit_fast(rc)
     return rc
-
-
-#: Exit codes by kind of failure (the README's "Failure behaviour" lists them).
-EXIT_CODES: tuple[tuple[str, int], ...] = (
-    ("DataValidationError", 3),
-    ("RegistryError", 4),
-    ("TrackingUnavailableError", 5),
-    ("LockTimeoutError", 6),
-    ("TrainingError", 7),
-    ("ConfigError", 2),
-)
-
-
-def exit_code(exc: BaseException) -> int:
-    """The exit code of a cubeline error: 2 for configuration, 3 for data, 4 registry, ..."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    return next((code for name, code in EXIT_CODES if name in names), 2)
 
 
 def _stop_on_sigterm() -> None:

@@ -54,6 +54,9 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
                 return InitStateRef(**{**hit.__dict__, "cached": True})
             except CubelineError as exc:
                 log.warning("cached Phase-1 state %s unusable (%s): fitting again", hit, exc)
+    from tasks.faults import fault
+
+    fault("phase1")
     p = ctx.params
     dm = run_datamodule(ctx, data)
     # selector_mode auto: both readings of the selector are fitted; the one with the higher

@@ -28,6 +28,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     from nodes.library.presets import PresetHandle
     from nodes.training.gradient_trainer import GradientTrainer
     from tasks.env import quiet_lightning
+    from tasks.faults import epoch_fault_callback
 
     quiet_lightning()
 
@@ -56,7 +57,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         seed=p.phase2.seed,
         logger=logger,
         # The layer table says nothing the run's params do not; keep orchestrated logs short.
-        callbacks=[ModelSummary(max_depth=0)],
+        callbacks=[ModelSummary(max_depth=0), epoch_fault_callback()],
         threshold_method=p.threshold.method,
         target_fpr=p.threshold.target_fpr,
     )

@@ -231,6 +231,10 @@ def configure_mlflow(
         # once fail ("duplicate column"), so store initialization is serialized.
         with uri_lock(uri, "init", timeout_s=120.0):
             _open_experiment(experiment_name, artifact_root, warn=db_path is not None)
+        from tasks.tracking.reconcile import reconcile_dead_runs
+
+        # Every command that opens the store closes the runs that dead processes left RUNNING.
+        reconcile_dead_runs()
     except (MlflowException, LockTimeoutError) as exc:
         raise TrackingUnavailableError(
             f"Cannot open the MLflow tracking store {uri!r}: {exc}. Fix: check the URI and that "

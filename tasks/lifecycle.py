@@ -1,0 +1,94 @@
+"""No process outlives the cubeline command that started it, whatever signal ends the command.
+
+Prefect starts its temporary API server as a plain subprocess and stops it from an ``atexit``
+handler: a command ended by SIGKILL (or the OOM killer) never runs that handler, and the server
+stays behind, listening. A parent-death signal (``PR_SET_PDEATHSIG``) does not help here: it
+fires when the *thread* that started the child ends, and the server is started from a helper
+thread. So every such child gets a watchdog: a tiny interpreter (``python -I -S``, standard library
+only) that polls its own parent -- the cubeline process -- and, once that is gone, stops the
+child (SIGTERM, then SIGKILL) and exits. It exits by itself as soon as the child ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+#: The watchdog's program: ``argv = [parent pid, child pid]``.
+WATCHDOG_SOURCE = r"""
+import os, signal, sys, time
+parent, child = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+while alive(child) and os.getppid() == parent:
+    time.sleep(0.2)
+if alive(child):
+    try:
+        os.kill(child, signal.SIGTERM)
+        for _ in range(50):
+            time.sleep(0.1)
+            if not alive(child):
+                break
+        else:
+            os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def guard_child(pid: int) -> subprocess.Popen[bytes] | None:
+    """Start a watchdog that stops process ``pid`` when this process dies.
+
+    Args:
+        pid: A child process of this one.
+
+    Returns:
+        The watchdog process (it ends by itself with the child), None if it could not start.
+    """
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE, str(os.getpid()), str(pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the command must not stop its guard
+            close_fds=True,
+        )
+    except OSError:
+        return None
+
+
+_GUARDED = "_cubeline_guarded"
+
+
+def guard_prefect_temporary_server() -> None:
+    """Give every temporary Prefect API server this process starts a watchdog (idempotent).
+
+    Wraps ``SubprocessASGIServer._run_uvicorn_command``, the one place Prefect 3 starts the
+    server (also on its port-conflict retry), so every start path is covered.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    original = SubprocessASGIServer._run_uvicorn_command
+    if getattr(original, _GUARDED, False):
+        return
+
+    def run_guarded(self: Any) -> subprocess.Popen[Any]:
+        proc = original(self)
+        guard_child(proc.pid)
+        return proc
+
+    setattr(run_guarded, _GUARDED, True)
+    SubprocessASGIServer._run_uvicorn_command = run_guarded  # type: ignore[method-assign]
