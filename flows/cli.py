@@ -196,9 +196,11 @@ def _start_temporary_server() -> threading.Thread:
 
 def _run_flow(args: argparse.Namespace, which: str) -> int:
     from flows import for_repo
+    from tasks.lifecycle import probe_prefect_api
     from tasks.params import load_params
 
     load_params(_params_path(args))  # a params.yaml mistake fails now, not after server start-up
+    probe_prefect_api()
     if args.data_version:
         from tasks.versioning import check_tree_hash
 
@@ -270,9 +272,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
+    from tasks.lifecycle import probe_prefect_api
     from tasks.params import load_params
 
     load_params(_params_path(args))
+    probe_prefect_api()
     server = _start_temporary_server()
     import nodes.data.datamodule  # noqa: F401  (torch, Lightning: imported while it boots)
     from flows import for_repo

@@ -92,3 +92,34 @@ def guard_prefect_temporary_server() -> None:
 
     setattr(run_guarded, _GUARDED, True)
     SubprocessASGIServer._run_uvicorn_command = run_guarded  # type: ignore[method-assign]
+
+
+def probe_prefect_api(timeout_s: float = 3.0) -> None:
+    """Fail fast, with one clear error, when ``PREFECT_API_URL`` names an API that is not there.
+
+    Prefect's client otherwise retries for a while and fails with a chain of tracebacks.
+
+    Raises:
+        OrchestrationUnavailableError: Nothing answers ``<PREFECT_API_URL>/health`` in time.
+    """
+    import urllib.error
+    import urllib.request
+
+    from tasks.failures import OrchestrationUnavailableError
+
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if not url:
+        return
+    health = url.rstrip("/") + "/health"
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(health, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # something answered: Prefect reports the details on the first real call
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise OrchestrationUnavailableError(
+            f"the Prefect API at PREFECT_API_URL={url} does not answer ({exc}). Fix: start it "
+            "(prefect server start --host 127.0.0.1, or cubeline stack up), correct the URL, or "
+            "unset PREFECT_API_URL to run on a temporary server"
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,14 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     log_run_artifact(ctx, weights_path, "pipeline")
     cal = trainer.calibration
     threshold = float(cal.threshold) if cal is not None else None
+    if threshold is not None and not math.isfinite(threshold):
+        from nodes.errors import DegenerateStatisticsError
+
+        raise DegenerateStatisticsError(
+            f"the decision threshold calibrated on the val frames is {threshold} (the scores are "
+            "not finite): the model would flag every pixel or none. Fix: check the val and "
+            "training frames for constant or duplicated bands, or set phase1.degenerate: ridge"
+        )
     epochs = int(trainer.trainer.current_epoch) if trainer.trainer is not None else 0
     log_run_metrics(ctx, {"seconds": seconds, "epochs": epochs}, prefix="phase2/")
     report = trainer.report
