@@ -196,10 +196,11 @@ def _start_temporary_server() -> threading.Thread:
 
 def _run_flow(args: argparse.Namespace, which: str) -> int:
     from flows import for_repo
-    from tasks.lifecycle import probe_prefect_api
+    from tasks.lifecycle import check_data_links, probe_prefect_api
     from tasks.params import load_params
 
-    load_params(_params_path(args))  # a params.yaml mistake fails now, not after server start-up
+    # A params.yaml mistake, a dangling link or a dead API fail now, not after server start-up.
+    check_data_links(load_params(_params_path(args)), _params_path(args))
     probe_prefect_api()
     if args.data_version:
         from tasks.versioning import check_tree_hash

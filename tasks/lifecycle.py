@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 #: The watchdog's program: ``argv = [parent pid, child pid]``.
@@ -123,3 +124,27 @@ def probe_prefect_api(timeout_s: float = 3.0) -> None:
             "(prefect server start --host 127.0.0.1, or cubeline stack up), correct the URL, or "
             "unset PREFECT_API_URL to run on a temporary server"
         ) from None
+
+
+def check_data_links(params: Any, params_path: Path) -> None:
+    """Refuse dangling symbolic links in the folders of ``data.paths`` before anything starts.
+
+    DVC hashes those folders and would fail on such a link only after the server start-up.
+
+    Raises:
+        StorageError: A link whose target does not exist (named, with the fix).
+    """
+    from nodes.errors import StorageError
+    from tasks.params import resolve_path
+
+    folders = {resolve_path(params_path, p).parent for p in params.data.paths}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            continue  # restored by `dvc pull` in the load step
+        for entry in folder.rglob("*"):
+            if entry.is_symlink() and not entry.exists():
+                raise StorageError(
+                    f"{entry} is a dangling symbolic link (its target {os.readlink(entry)} does "
+                    "not exist). Fix: remove the link or restore its target (`dvc pull` for "
+                    "data/)"
+                )
