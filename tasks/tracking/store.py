@@ -209,6 +209,11 @@ def configure_mlflow(
         _probe_http(uri)
     if registry_uri and registry_uri.startswith(("http://", "https://")) and registry_uri != uri:
         _probe_http(registry_uri)
+    if db_path is not None and db_path.exists() and not db_path.is_file():
+        raise TrackingUnavailableError(
+            f"the MLflow store {db_path} is not a file (a folder or device stands there). Fix: "
+            "move it aside, or set mlflow.tracking_uri to another sqlite:///<path>/mlflow.db"
+        )
     if db_path is not None:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
