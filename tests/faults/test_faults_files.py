@@ -29,6 +29,11 @@ def _frame(path: Path, *, mask: bool = True, **override: object) -> Path:
     return path
 
 
+def _savez(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
 def _absurd_header(path: Path) -> Path:
     """An .npz whose ``cube`` header declares ~10^15 elements (the data is 16 bytes)."""
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000, 205), }"
@@ -46,9 +51,9 @@ FRAME_CASES: dict[str, Callable[[Path], Path]] = {
     "npz_empty": lambda p: (p.write_bytes(b""), p)[1],
     "npz_garbage": lambda p: (p.write_bytes(b"PK\x03\x04 not really a zip"), p)[1],
     "npz_absurd_header": _absurd_header,
-    "npz_object_array": lambda p: (np.savez(p, cube=np.array([{"a": 1}], dtype=object),
-                                            mask=np.zeros((H, W), bool)), p)[1],
-    "npz_no_cube": lambda p: (np.savez(p, mask=np.zeros((H, W), bool)), p)[1],
+    "npz_object_array": lambda p: _savez(p, cube=np.array([{"a": 1}], dtype=object),
+                                         mask=np.zeros((H, W), bool)),
+    "npz_no_cube": lambda p: _savez(p, mask=np.zeros((H, W), bool)),
     "npz_nan_cube": lambda p: _frame(p, cube=np.full((H, W, C), np.nan, np.float32)),
     "npz_wrong_bands": lambda p: _frame(p, cube=np.ones((H, W, 7), np.float32)),
     "npz_1d_cube": lambda p: _frame(p, cube=np.ones(C, np.float32)),
