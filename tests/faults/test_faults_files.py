@@ -57,7 +57,8 @@ FRAME_CASES: dict[str, Callable[[Path], Path]] = {
     "npz_nan_cube": lambda p: _frame(p, cube=np.full((H, W, C), np.nan, np.float32)),
     "npz_wrong_bands": lambda p: _frame(p, cube=np.ones((H, W, 7), np.float32)),
     "npz_1d_cube": lambda p: _frame(p, cube=np.ones(C, np.float32)),
-    "npz_mask_shape": lambda p: _frame(p, mask=False, **{"mask": np.zeros((2, 2), bool)}),
+    "npz_mask_shape": lambda p: _savez(p, cube=np.ones((H, W, C), np.float32),
+                                       mask=np.zeros((2, 2), bool)),
 }
 
 
