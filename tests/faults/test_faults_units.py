@@ -171,3 +171,26 @@ def test_wrapped_cubeline_error_wins_and_verbose_shows_traceback(
         assert report("train", outer, verbose=True) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].endswith("the real problem")
+
+
+def test_no_task_or_flow_persists_a_pickled_result() -> None:
+    """A result that is never written is never read back: nothing under .prefect/results runs."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow, Task
+
+    import flows
+    import tasks.steps
+
+    found = []
+    for pkg in (tasks.steps, flows):
+        for info in pkgutil.iter_modules(pkg.__path__, f"{pkg.__name__}."):
+            if info.name.endswith(("cli", "stack", "deploy")):
+                continue
+            module = importlib.import_module(info.name)
+            found += [v for v in vars(module).values() if isinstance(v, Task | Flow)]
+    assert len(found) >= 10
+    assert all(obj.persist_result is False for obj in found), [
+        obj.name for obj in found if obj.persist_result is not False
+    ]

@@ -1,0 +1,90 @@
+"""Kills at several points: no process outlives the command, no run stays RUNNING, no version
+is left without a decision, and SIGTERM ends a run cleanly with one line (slow: real runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import (
+    MARK_ENV,
+    assert_clean_failure,
+    marked_processes,
+    run_states,
+    undecided_versions,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _cubeline(repo: Path, *argv: str, fault: str = "", timeout: float = 300
+              ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, MARK_ENV: str(repo), "CUBELINE_FAULT": fault}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CUBELINE_MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _no_orphans(repo: Path, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while marked_processes(str(repo)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marked_processes(str(repo)) == [], "processes outlived the command"
+
+
+@pytest.mark.parametrize("fault", ["phase1:kill", "phase2_epoch0:kill", "register:kill"])
+def test_sigkill_leaves_no_process_and_next_command_closes_the_run(repo: Path, fault: str
+                                                                   ) -> None:
+    proc = _cubeline(repo, "run", fault=fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _no_orphans(repo)
+    assert run_states(repo).get("RUNNING", 0) == 1  # the dead run, until a command opens the store
+    after = _cubeline(repo, "history")
+    assert "Traceback" not in after.stderr
+    states = run_states(repo)
+    assert "RUNNING" not in states and states.get("KILLED") == 1, states
+    assert undecided_versions(repo) == []
+    _no_orphans(repo)
+
+
+@pytest.mark.parametrize("fault", ["phase2_epoch0:term", "phase1:int"])
+def test_sigterm_and_sigint_end_the_run_cleanly(repo: Path, fault: str) -> None:
+    start = time.monotonic()
+    proc = _cubeline(repo, "train", fault=fault)
+    assert_clean_failure(proc.returncode, proc.stderr, "train", 130, "interrupted")
+    assert time.monotonic() - start < 120
+    _no_orphans(repo)
+    states = run_states(repo)
+    assert "RUNNING" not in states and states.get("KILLED") == 1, states
+    assert undecided_versions(repo) == []
+
+
+def test_watchdog_stops_a_child_when_the_parent_is_killed(tmp_path: Path) -> None:
+    mark = str(tmp_path)
+    script = (
+        "import subprocess, sys, time\n"
+        "from tasks.lifecycle import guard_child\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "guard_child(child.pid)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, MARK_ENV: mark}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[2])
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert child in marked_processes(mark)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marked_processes(mark) == []
