@@ -11,6 +11,7 @@ child (SIGTERM, then SIGKILL) and exits. It exits by itself as soon as the child
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -148,3 +149,43 @@ def check_data_links(params: Any, params_path: Path) -> None:
                     "not exist). Fix: remove the link or restore its target (`dvc pull` for "
                     "data/)"
                 )
+
+
+def bound_runner_shutdown(grace_s: float = 10.0) -> None:
+    """SIGTERM ends ``cubeline serve`` (and a worker) within ``grace_s``, whatever the API does.
+
+    Prefect's runner answers SIGTERM with a graceful stop that talks to the API; with the API gone
+    that stop can hang, and the process stayed up. After the graceful stop is asked for, a timer
+    ends the process (exit handlers first: the watchdogs stop any child); a second SIGTERM ends
+    it at once.
+    """
+    import atexit
+    import threading
+
+    from prefect.runner.runner import Runner
+
+    from tasks.failures import EXIT_INTERRUPTED
+
+    original = Runner.handle_sigterm
+    if getattr(original, _GUARDED, False):
+        return
+
+    def leave() -> None:
+        print("cubeline serve: error: stopped by SIGTERM; the runner did not finish its "
+              f"graceful stop within {grace_s:g} s. Fix: none needed, start it again",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()
+        os._exit(EXIT_INTERRUPTED)
+
+    def handle(self: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_cubeline_stopping", False):
+            leave()
+        self._cubeline_stopping = True
+        timer = threading.Timer(grace_s, leave)
+        timer.daemon = True
+        timer.start()
+        original(self, *args, **kwargs)
+
+    setattr(handle, _GUARDED, True)
+    Runner.handle_sigterm = handle  # type: ignore[method-assign]
