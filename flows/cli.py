@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.env import VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
+from tasks.env import RESUME_ENV, VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
 from tasks.failures import EXIT_CODES, exit_code
 
 __all__ = ["EXIT_CODES", "build_parser", "exit_code", "main"]
@@ -206,6 +206,7 @@ def _run_flow(args: argparse.Namespace, which: str) -> int:
         from tasks.versioning import check_tree_hash
 
         check_tree_hash(args.data_version, "a data-version hash", "`cubeline ingest` output")
+    os.environ[RESUME_ENV] = "1" if args.resume else "0"
     server = _start_temporary_server()
     _quiet_lightning(args.verbose)
     params = _params_path(args)
@@ -433,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why this run happens (kept in MLflow and the registry)")
         p.add_argument("--data-version", help="train on this data version (cubeline ingest)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue an interrupted Phase 2 of the same data, params and "
+                       "Phase-1 state from its last epoch (default; --no-resume starts over)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("ingest", help="validate new frames and store them as a data version")
@@ -515,7 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rc = int(args.func(args))
-    except (Exception, KeyboardInterrupt) as exc:  # every failure ends in one line (tasks.failures)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every failure ends in one line (tasks.failures)
         rc = report(args.command, exc, args.verbose)
     if argv is None:
         _exit_fast(rc)
@@ -530,10 +536,14 @@ def _stop_on_sigterm() -> None:
     """
     import signal
 
+    from tasks.lifecycle import note_signal
+
     def interrupt(signum: int, frame: Any) -> None:
+        note_signal(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _exit_fast(rc: int) -> None:

@@ -200,6 +200,8 @@ def user_error(exc: BaseException) -> BaseException:
     for e in chain:
         if isinstance(e, (CubelineError, KeyboardInterrupt)):
             return e
+        if "ExternalSignal" in {c.__name__ for c in type(e).__mro__}:  # Prefect's SIGTERM
+            return KeyboardInterrupt(str(e))
     for e in chain:
         translated = _foreign(e)
         if translated is not None:

@@ -189,3 +189,29 @@ def bound_runner_shutdown(grace_s: float = 10.0) -> None:
 
     setattr(handle, _GUARDED, True)
     Runner.handle_sigterm = handle  # type: ignore[method-assign]
+
+
+_signalled: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Record that SIGINT/SIGTERM asked this process to stop.
+
+    Libraries may turn the interrupt into something else (Lightning's SystemExit); the run is
+    still closed KILLED.
+    """
+    _signalled.append(signum)
+
+
+def interrupted(exc: BaseException | None = None) -> bool:
+    """Whether SIGINT or SIGTERM asked this process to stop.
+
+    Args:
+        exc: The exception that ends it, if any (Prefect turns SIGTERM inside a flow into its
+            ``TerminationSignal``).
+    """
+    if exc is not None:
+        names = {c.__name__ for c in type(exc).__mro__}
+        if names & {"KeyboardInterrupt", "TerminationSignal", "ExternalSignal"}:
+            return True
+    return bool(_signalled)

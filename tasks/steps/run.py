@@ -193,7 +193,10 @@ def tracked_run(
         mlflow.log_params(flat)
         yield ctx
     except BaseException as exc:
-        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        from tasks.lifecycle import interrupted
+
+        killed = interrupted(exc)
+        mlflow.end_run("KILLED" if killed else "FAILED")
         raise
     mlflow.end_run("FINISHED")
 

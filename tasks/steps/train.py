@@ -30,6 +30,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     from nodes.training.gradient_trainer import GradientTrainer
     from tasks.env import quiet_lightning
     from tasks.faults import epoch_fault_callback
+    from tasks.steps.resume import Phase2Resume
 
     quiet_lightning()
 
@@ -47,6 +48,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         # Lightning's LearningRateMonitor refuses to run without a logger.
         updates["callbacks"] = cfg.callbacks.model_copy(update={"lr_monitor": None})
     handle = PresetHandle.of(pipeline)
+    resume = Phase2Resume.for_run(ctx, data, pipe)
     trainer = GradientTrainer(
         pipeline,
         dm,
@@ -58,12 +60,13 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         seed=p.phase2.seed,
         logger=logger,
         # The layer table says nothing the run's params do not; keep orchestrated logs short.
-        callbacks=[ModelSummary(max_depth=0), epoch_fault_callback()],
+        callbacks=[ModelSummary(max_depth=0), resume.callback(), epoch_fault_callback()],
         threshold_method=p.threshold.method,
         target_fpr=p.threshold.target_fpr,
     )
     start = time.perf_counter()
-    val = trainer.fit()
+    val = trainer.fit(ckpt_path=resume.last())
+    resume.done()
     seconds = time.perf_counter() - start
     cfg_path, weights_path = pipeline.save_to_file(ctx.out / "pipeline.yaml")
     log_run_artifact(ctx, cfg_path, "pipeline")

@@ -88,3 +88,27 @@ def test_watchdog_stops_a_child_when_the_parent_is_killed(tmp_path: Path) -> Non
     while marked_processes(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marked_processes(mark) == []
+
+
+def _test_metrics(proc: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    import json
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {k: round(float(v), 6) for k, v in summary["evaluation"]["metrics"].items()}
+
+
+def test_phase2_resumes_to_the_same_metrics(repo: Path, prepared_repo: Path,
+                                            tmp_path: Path) -> None:
+    import shutil
+
+    killed = _cubeline(repo, "train", fault="phase2_epoch0:kill")
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = list((repo / "outputs" / "phase2_checkpoints").glob("*/last.ckpt"))
+    assert len(ckpts) == 1
+    resumed = _test_metrics(_cubeline(repo, "train", "--json"))
+    assert not list((repo / "outputs" / "phase2_checkpoints").glob("*/last.ckpt"))
+    fresh = tmp_path / "fresh"
+    shutil.copytree(prepared_repo, fresh, symlinks=True)
+    assert resumed == _test_metrics(_cubeline(fresh, "train", "--json"))
+    _no_orphans(repo)
