@@ -48,11 +48,19 @@ class Phase2Resume:
         return cls(Path(ctx.root) / CHECKPOINTS_DIR / key, enabled)
 
     def callback(self) -> Any:
-        """A Lightning callback writing ``last.ckpt`` here after every epoch."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        """A Lightning callback writing ``last.ckpt`` here after every epoch (temp + rename)."""
+        from lightning.pytorch.callbacks import Callback
 
-        return ModelCheckpoint(dirpath=self.folder, save_last=True, save_top_k=0,
-                               every_n_epochs=1, save_on_train_epoch_end=False)
+        folder = self.folder
+
+        class _SaveLast(Callback):
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".last.{os.getpid()}.ckpt"
+                trainer.save_checkpoint(tmp)
+                os.replace(tmp, folder / "last.ckpt")
+
+        return _SaveLast()
 
     def last(self) -> Path | None:
         """The checkpoint to resume from, None to start over (and drop a stale one)."""
