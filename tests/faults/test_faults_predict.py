@@ -39,7 +39,7 @@ def frame(champion_repo: Path) -> Path:
 @pytest.fixture()
 def model_weights(champion_repo: Path) -> Iterator[Path]:
     """The champion's weights file in the artifact store (restored after the case)."""
-    stored = next((champion_repo / "mlartifacts").rglob("*.pt"))
+    stored = next((champion_repo / "mlartifacts" / "models").rglob("*.pt"))
     original = stored.read_bytes()
     yield stored
     stored.write_bytes(original)
