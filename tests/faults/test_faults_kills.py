@@ -17,8 +17,14 @@ from tests.faults.helpers import (
     assert_clean_failure,
     marked_processes,
     run_states,
+    tree,
     undecided_versions,
 )
+
+#: Where a run may write: its run folder and checkpoints (outputs/), the stores, restored data,
+#: and the content-addressed Phase-1 state it pushes to the DVC remote.
+ALLOWED = ("outputs/", "mlartifacts/", "mlflow.db", ".prefect/", ".dvc/", "data/",
+           "dvc-remote/files/md5/")
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +48,12 @@ def _no_orphans(repo: Path, within_s: float = 5.0) -> None:
 @pytest.mark.parametrize("fault", ["phase1:kill", "phase2_epoch0:kill", "register:kill"])
 def test_sigkill_leaves_no_process_and_next_command_closes_the_run(repo: Path, fault: str
                                                                    ) -> None:
+    before = tree(repo)
     proc = _cubeline(repo, "run", fault=fault)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     _no_orphans(repo)
+    stray = sorted(p for p in tree(repo) - before if not p.startswith(ALLOWED))
+    assert stray == [], stray
     assert run_states(repo).get("RUNNING", 0) == 1  # the dead run, until a command opens the store
     after = _cubeline(repo, "history")
     assert "Traceback" not in after.stderr
