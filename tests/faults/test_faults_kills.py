@@ -121,3 +121,28 @@ def test_phase2_resumes_to_the_same_metrics(repo: Path, prepared_repo: Path,
     shutil.copytree(prepared_repo, fresh, symlinks=True)
     assert resumed == _test_metrics(_cubeline(fresh, "train", "--json"))
     _no_orphans(repo)
+
+
+def test_zero_variance_training_data_is_refused_end_to_end(repo: Path, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(3):
+        cube = rng.normal(100, 5, (12, 12, 205)).astype(np.float32)
+        cube[..., 7] = 42.0  # a dead band
+        mask = np.zeros((12, 12), bool)
+        mask[2:4, 2:4] = True
+        cube[mask] += 40
+        np.savez(tmp_path / f"f{i}.npz", cube=cube, mask=mask)
+        frames.append(str(tmp_path / f"f{i}.npz"))
+    ingest = _cubeline(repo, "ingest", *frames, "--json")
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    version = json.loads(ingest.stdout.strip().splitlines()[-1])["version"]
+    proc = _cubeline(repo, "train", "--data-version", version)
+    assert_clean_failure(proc.returncode, proc.stderr, "train", 8, "zero-variance", "ridge")
+    _no_orphans(repo)
+    assert "RUNNING" not in run_states(repo)
+    assert undecided_versions(repo) == []
