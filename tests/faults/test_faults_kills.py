@@ -123,10 +123,13 @@ def test_phase2_resumes_to_the_same_metrics(repo: Path, prepared_repo: Path,
     _no_orphans(repo)
 
 
-def test_zero_variance_training_data_is_refused_end_to_end(repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["refuse", "ridge"])
+def test_zero_variance_training_data_end_to_end(repo: Path, tmp_path: Path, policy: str
+                                                ) -> None:
     import json
 
     import numpy as np
+    import yaml
 
     rng = np.random.default_rng(0)
     frames = []
@@ -141,8 +144,20 @@ def test_zero_variance_training_data_is_refused_end_to_end(repo: Path, tmp_path:
     ingest = _cubeline(repo, "ingest", *frames, "--json")
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     version = json.loads(ingest.stdout.strip().splitlines()[-1])["version"]
-    proc = _cubeline(repo, "train", "--data-version", version)
-    assert_clean_failure(proc.returncode, proc.stderr, "train", 8, "zero-variance", "ridge")
+    params = repo / "params.yaml"
+    doc = yaml.safe_load(params.read_text())
+    doc["phase1"]["degenerate"] = policy
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = _cubeline(repo, "train", "--data-version", version, "--json")
+    if policy == "refuse":
+        assert_clean_failure(proc.returncode, proc.stderr, "train", 8, "zero-variance", "ridge")
+    else:  # repaired with the stated ridge, recorded in the run
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        import sqlite3
+
+        with sqlite3.connect(repo / "mlflow.db") as con:
+            keys = {k for (k,) in con.execute("select key from params")}
+        assert "phase1/ridge_eps" in keys
     _no_orphans(repo)
     assert "RUNNING" not in run_states(repo)
     assert undecided_versions(repo) == []
