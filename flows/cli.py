@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import threading
@@ -24,7 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.env import VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
+from flows.summary import _fmt, flow_run_url, print_summary
+from tasks.env import RESUME_ENV, VERBOSE_ENV, disable_telemetry, repo_root, tune_allocator
+from tasks.failures import EXIT_CODES, exit_code
+
+__all__ = ["EXIT_CODES", "build_parser", "exit_code", "flow_run_url", "main", "print_summary"]
 
 
 def _params_path(args: argparse.Namespace) -> Path:
@@ -73,96 +76,6 @@ def _quiet_lightning(verbose: bool) -> None:
     quiet_lightning()
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def _mlflow_ui(tracking_uri: str | None, root: Path) -> str:
-    uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
-    if uri.startswith(("http://", "https://")):
-        return uri  # a tracking server is its own UI
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-
-
-def _prefect_where() -> str:
-    api = os.environ.get("PREFECT_API_URL", "")
-    if api:
-        return f"UI: {api.removesuffix('/').removesuffix('/api')} (flow runs, task runs, cache)"
-    return (
-        "temporary API server (its history ends with the run); to keep it: "
-        "prefect server start --host 127.0.0.1, export PREFECT_API_URL=http://127.0.0.1:4200/api"
-    )
-
-
-def flow_run_url(flow_run_id: str | None) -> str | None:
-    """The flow run's page in the Prefect UI, when a server (not the temporary one) is used."""
-    api = os.environ.get("PREFECT_API_URL", "")
-    if not api or not flow_run_id:
-        return None
-    return f"{api.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
-
-
-def print_summary(summary: Any, seconds: float) -> None:
-    """Print a :class:`tasks.steps.RunSummary` for people."""
-    s = summary
-    root = Path(s.ctx.root)
-    if s.data.version:
-        data_state = "data version (cubeline ingest)"
-    else:
-        data_state = "dirty: differs from data.dvc" if s.data.dirty else "as recorded in data.dvc"
-    h, w, c = s.data.shape
-    split = s.data.split_names
-    lines = [
-        f"cubeline {s.flow}: finished in {seconds:.1f} s",
-        f"  why         {s.ctx.reason}",
-        f"  data        {s.data.data_hash} ({data_state}); {s.data.num_frames} frames "
-        f"{h}x{w}x{c}; train {split['train']} val {split['val']} test {split['test']}",
-    ]
-    if s.drift is not None:
-        reason = s.drift.reason
-        if not reason.startswith(("drift", "no drift")):
-            reason = f"{'DRIFT' if s.drift.drifted else 'no drift'}: {reason}"
-        lines.append(f"  drift       {reason}")
-    lines.append(f"  phase 1     {s.phase1}: {s.phase1_reason}; init state {s.state_hash} (DVC)")
-    if s.unchanged_version is not None:
-        lines.append(
-            f"  model       unchanged: version {s.unchanged_version} (same data, params, Phase-1 "
-            "state and code; Phase 2 skipped, nothing registered)"
-        )
-    else:
-        reg, m = s.registration, s.evaluation.metrics
-        champ = s.champion_metrics
-        lines += [
-            f"  phase 2     {s.train.epochs} epochs in {s.train.seconds:.1f} s; decision "
-            f"threshold (logit) {_fmt(s.train.threshold)}",
-            "  test        "
-            + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(m.items())),
-        ]
-        if champ:
-            lines.append(
-                "  champion    "
-                + "  ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in sorted(champ.items()))
-                + f" (v{reg.previous_champion_version}, same test frames)"
-            )
-        lines += [
-            f"  model       {reg.model_name} version {reg.version} -> alias {reg.alias}",
-            f"  gate        {reg.reason}",
-            f"  champion    version {reg.champion_version} (before: "
-            f"{reg.previous_champion_version})",
-        ]
-    url = flow_run_url(s.ctx.flow_run_id)
-    lines += [
-        f"  MLflow      run {s.ctx.run_id} in {s.ctx.tracking_uri}",
-        f"              UI: {_mlflow_ui(s.ctx.tracking_uri, root)} (Experiments > "
-        "cubeline > Runs; models: Models > registry)",
-        f"  files       {s.ctx.run_dir}",
-        f"  Prefect     {url or _prefect_where()}",
-    ]
-    print("\n".join(lines))
-
-
 def _start_temporary_server() -> threading.Thread:
     """Start Prefect's temporary API server now, in the background, when no server is set.
 
@@ -175,6 +88,10 @@ def _start_temporary_server() -> threading.Thread:
     def start() -> None:
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
+        from tasks.lifecycle import guard_prefect_temporary_server
+
+        # Whatever ends this command (even SIGKILL), its temporary server does not outlive it.
+        guard_prefect_temporary_server()
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             return
         from prefect.server.api.server import SubprocessASGIServer
@@ -189,13 +106,17 @@ def _start_temporary_server() -> threading.Thread:
 
 def _run_flow(args: argparse.Namespace, which: str) -> int:
     from flows import for_repo
+    from tasks.lifecycle import check_data_links, probe_prefect_api
     from tasks.params import load_params
 
-    load_params(_params_path(args))  # a params.yaml mistake fails now, not after server start-up
+    # A params.yaml mistake, a dangling link or a dead API fail now, not after server start-up.
+    check_data_links(load_params(_params_path(args)), _params_path(args))
+    probe_prefect_api()
     if args.data_version:
         from tasks.versioning import check_tree_hash
 
         check_tree_hash(args.data_version, "a data-version hash", "`cubeline ingest` output")
+    os.environ[RESUME_ENV] = "1" if args.resume else "0"
     server = _start_temporary_server()
     _quiet_lightning(args.verbose)
     params = _params_path(args)
@@ -263,9 +184,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     """``cubeline drift``: the drift_watch flow (emits the drift event on drift)."""
+    from tasks.lifecycle import probe_prefect_api
     from tasks.params import load_params
 
     load_params(_params_path(args))
+    probe_prefect_api()
     server = _start_temporary_server()
     import nodes.data.datamodule  # noqa: F401  (torch, Lightning: imported while it boots)
     from flows import for_repo
@@ -421,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why this run happens (kept in MLflow and the registry)")
         p.add_argument("--data-version", help="train on this data version (cubeline ingest)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue an interrupted Phase 2 of the same data, params and "
+                       "Phase-1 state from its last epoch (default; --no-resume starts over)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("ingest", help="validate new frames and store them as a data version")
@@ -499,39 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet(args.verbose, args.command)
     if argv is None:
         _stop_on_sigterm()
-    from nodes.errors import CubelineError
+    from tasks.failures import report
 
     try:
         rc = int(args.func(args))
-    except CubelineError as exc:
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"cubeline {args.command}: error: {exc}", file=sys.stderr)
-        rc = exit_code(exc)
-    except KeyboardInterrupt:
-        rc = 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every failure ends in one line (tasks.failures)
+        rc = report(args.command, exc, args.verbose)
     if argv is None:
         _exit_fast(rc)
     return rc
-
-
-#: Exit codes by kind of failure (the README's "Failure behaviour" lists them).
-EXIT_CODES: tuple[tuple[str, int], ...] = (
-    ("DataValidationError", 3),
-    ("RegistryError", 4),
-    ("TrackingUnavailableError", 5),
-    ("LockTimeoutError", 6),
-    ("TrainingError", 7),
-    ("ConfigError", 2),
-)
-
-
-def exit_code(exc: BaseException) -> int:
-    """The exit code of a cubeline error: 2 for configuration, 3 for data, 4 registry, ..."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    return next((code for name, code in EXIT_CODES if name in names), 2)
 
 
 def _stop_on_sigterm() -> None:
@@ -542,10 +446,14 @@ def _stop_on_sigterm() -> None:
     """
     import signal
 
+    from tasks.lifecycle import note_signal
+
     def interrupt(signum: int, frame: Any) -> None:
+        note_signal(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _exit_fast(rc: int) -> None:

@@ -118,7 +118,10 @@ def serve(params_path: Path) -> None:
     """Register the deployments and run their flows in this process until interrupted."""
     from prefect import serve as prefect_serve
 
+    from tasks.lifecycle import bound_runner_shutdown
+
     check_server()
+    bound_runner_shutdown()  # SIGTERM stops it within seconds, even with the API gone
     # Poll for due runs every 2 s (Prefect's default is 10 s): a drift-triggered retrain starts
     # seconds after the event; the cost is one small API query per poll.
     prefect_serve(*build_deployments(params_path), query_seconds=SERVE_POLL_S)

@@ -35,6 +35,21 @@ class TrainingError(CubelineError):
     """Phase 2 cannot start or had to stop (no loss node, NaN loss, unknown optimizer...)."""
 
 
+class DegenerateStatisticsError(TrainingError):
+    """Phase-1 statistics cannot give a detector.
+
+    Zero-variance bands, a singular covariance, non-finite scores or threshold.
+    """
+
+
+class StorageError(CubelineError):
+    """A file or folder cannot be read or written (disk full, read-only, dangling link...)."""
+
+
+class ContentHashError(CubelineError):
+    """A file on disk does not match the content hash recorded for it: it is not used."""
+
+
 class NoAnomaliesWarning(UserWarning):
     """An evaluation split holds no anomalous pixel: IoU/F1 are 0 and AP/AUROC undefined.
 

@@ -106,6 +106,9 @@ def tune_allocator() -> dict[str, bool]:
 #: Set by ``cubeline -v``; served and worker runs inherit it through the environment.
 VERBOSE_ENV = "CUBELINE_VERBOSE"
 
+#: ``0``: Phase 2 starts over instead of resuming its last epoch (``--no-resume``).
+RESUME_ENV = "CUBELINE_RESUME"
+
 
 def quiet_lightning() -> None:
     """Lightning's start-up notices (accelerators, tips) off unless ``cubeline -v``.

@@ -62,7 +62,7 @@ class PipelineParams(ConfigModel):
 
     name: str = "Channel_Selector"
     n_select: Annotated[int, Field(ge=1)] = 10
-    eps: Annotated[float, Field(ge=0)] = 1e-6
+    eps: PositiveFloat = 1e-6
     temperature_init: PositiveFloat = 5.0
     bce_weight: PositiveFloat = 10.0
     normal_class_ids: tuple[int, ...] = (0,)
@@ -79,6 +79,11 @@ class Phase1Params(ConfigModel):
     seed: Annotated[int, Field(ge=0)] = 0
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
     init_check: Literal["log", "warn", "refuse", "off"] = "log"
+    #: Statistics that cannot give a detector (zero-variance bands, singular covariance,
+    #: non-finite scores): refuse the run, or repair by adding ``ridge`` (relative to the mean
+    #: band variance) to the covariance's diagonal -- a stated, logged change.
+    degenerate: Literal["refuse", "ridge"] = "refuse"
+    ridge: PositiveFloat = 1e-3
 
 
 class ThresholdParams(ConfigModel):
@@ -133,13 +138,20 @@ GATE_METRICS: tuple[str, ...] = tuple(
 class RegistryParams(ConfigModel):
     """MLflow model registry."""
 
-    model_name: str = Field(default="cubeline-channel-selector", min_length=1)
+    model_name: str = Field(default="cubeline-channel-selector", min_length=1, max_length=256)
     gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _gate_reads_reported_metrics(self) -> RegistryParams:
         import difflib
 
+        bad = sorted(set(self.model_name) & set("/:%"))
+        if bad or self.model_name != self.model_name.strip():
+            raise ValueError(
+                f"registry.model_name {self.model_name!r} is not a valid MLflow model name "
+                f"(no '/', ':', '%', no leading/trailing blanks; found {bad or 'blanks'}): "
+                "e.g. cubeline-channel-selector"
+            )
         g = self.gate
         for key in (g.metric, *g.absolute_thresholds, *g.absolute_maximums):
             if key not in GATE_METRICS:
@@ -203,6 +215,17 @@ class Params(ConfigModel):
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)
     dvc: DvcParams = Field(default_factory=DvcParams)
+
+    @model_validator(mode="after")
+    def _node_args_fit_the_data(self) -> Params:
+        # What the nodes would refuse only once built (after server start-up), checked here.
+        channels = self.data.expected_channels
+        if channels is not None and self.pipeline.n_select > channels:
+            raise ValueError(
+                f"pipeline.n_select is {self.pipeline.n_select} but the frames have "
+                f"data.expected_channels={channels} bands: choose 1..{channels}"
+            )
+        return self
 
     def section_hash(self, *names: str) -> str:
         """Stable digest of the named sections (all of them when none is named).

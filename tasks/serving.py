@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nodes.errors import CubelineError, DataValidationError
+from nodes.errors import ContentHashError, CubelineError, DataValidationError
 
 if TYPE_CHECKING:
     from nodes.graph.pipeline import Pipeline
@@ -115,7 +115,7 @@ def _check_pinned(model_name: str, version: str, files: dict[str, Path]) -> None
 
     import mlflow
 
-    from tasks.registry import TAG_SHA256_PREFIX, RegistryError
+    from tasks.registry import TAG_SHA256_PREFIX
 
     tags = mlflow.MlflowClient().get_model_version(model_name, version).tags
     for key, path in files.items():
@@ -126,7 +126,7 @@ def _check_pinned(model_name: str, version: str, files: dict[str, Path]) -> None
             continue
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
         if actual != pinned:
-            raise RegistryError(
+            raise ContentHashError(
                 f"models:/{model_name}/{version}: {path.name} in the artifact store differs from "
                 f"the file registered (sha256 {actual[:12]}... != {pinned[:12]}...); it was "
                 "changed after registration. Fix: restore the artifact store from a backup, or "

@@ -24,6 +24,7 @@ validation and error messages) whose parts only make sense together.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,13 +347,40 @@ def annotation_mask(ann: Mapping[str, Any], height: int, width: int) -> np.ndarr
     raise ValueError("no segmentation and no bbox")
 
 
+#: Ids and sizes must fit the int64 tables they are validated in.
+_INT_LIMIT = 2**62
+
+
 def _as_int(value: Any, path: Path, where: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or int(value) != value):
         raise DataValidationError(
             f"{path}: {where}: field {name!r} = {value!r} is not an integer. Fix: give "
             f"{name} as an integer."
         )
+    if abs(int(value)) >= _INT_LIMIT:
+        raise DataValidationError(
+            f"{path}: {where}: field {name!r} = {value!r} is out of range (|value| < 2^62). "
+            f"Fix: give {name} as a frame/category index."
+        )
     return int(value)
+
+
+def _check_geometry(ann: dict[str, Any], path: Path, where: str) -> None:
+    """Coordinates of ``bbox`` and polygon ``segmentation`` are finite numbers."""
+    seg = ann.get("segmentation")
+    parts: list[tuple[str, Any]] = [("bbox", ann["bbox"])] if "bbox" in ann else []
+    if isinstance(seg, list):
+        parts += [(f"segmentation[{i}]", poly) for i, poly in enumerate(seg)]
+    for name, coords in parts:
+        values = coords if isinstance(coords, list) else [coords]
+        for v in values:
+            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                    or abs(v) > _INT_LIMIT):
+                raise DataValidationError(
+                    f"{path}: {where}: {name} holds {v!r}, not a finite pixel coordinate. Fix: "
+                    "re-export the annotation with numeric, finite coordinates."
+                )
 
 
 def load_coco(path: str | Path) -> CocoAnnotations:
@@ -417,6 +445,7 @@ def load_coco(path: str | Path) -> CocoAnnotations:
             ann[key] = _as_int(ann[key], path, where, key)
         if "id" in ann:
             ann["id"] = _as_int(ann["id"], path, where, "id")
+        _check_geometry(ann, path, where)
         annotations.append(ann)
     return CocoAnnotations(
         path=path, categories=categories, image_shapes=shapes, annotations=annotations

@@ -265,7 +265,7 @@ def _load_npz(path: Path, require_labels: bool) -> tuple[dict[str, np.ndarray], 
             )
         try:
             arrays = {k: npz[k] for k in ("cube", "mask", "class_mask", "wavelengths") if k in npz}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as exc:
             raise DataValidationError(
                 f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); {corrupt_fix}"
             ) from exc

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from nodes.errors import ConfigError, PipelineError, PortConnectionError
+from nodes.errors import ConfigError, CubelineError, PipelineError, PortConnectionError
 from nodes.graph.base import STAGES, Node
 from nodes.graph.ports import PortRef, dtypes_compatible
 from nodes.graph.registry import node_class
@@ -508,7 +507,15 @@ class Pipeline(nn.Module):
             cfg = yaml.safe_load(cfg_path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from None
-        pipe = cls.from_config(cfg, source=str(cfg_path))
+        try:
+            pipe = cls.from_config(cfg, source=str(cfg_path))
+        except CubelineError:
+            raise
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
+            raise ConfigError(
+                f"{cfg_path}: not a valid pipeline file ({type(exc).__name__}: {exc}); re-export "
+                "it with Pipeline.save_to_file()"
+            ) from None
         wpath = Path(weights_path) if weights_path is not None else cfg_path.with_suffix(".pt")
         if wpath.exists() or weights_path is not None:
             pipe.load_weights(wpath)
@@ -530,10 +537,11 @@ class Pipeline(nn.Module):
         try:
             state = torch.load(io.BytesIO(wpath.read_bytes()), map_location="cpu",
                                weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        except Exception as exc:  # UnpicklingError, EOFError, BadZipFile, RuntimeError, ...
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ConfigError(
                 f"weights file {wpath} cannot be loaded safely (weights_only=True): "
-                f"{str(exc).splitlines()[0]}; re-export it with Pipeline.save_to_file()"
+                f"{first}; re-export it with Pipeline.save_to_file()"
             ) from None
         if not isinstance(state, dict):
             raise ConfigError(f"weights file {wpath} does not hold a state dict")

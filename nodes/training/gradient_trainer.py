@@ -514,8 +514,10 @@ class GradientTrainer:
         # these (the pipeline handed in is then not necessarily the Phase-1 state).
         best.set_phase1(self.pipeline, self._phase1_val_metrics())
         self.trainer = self._make_trainer([best])
+        # weights_only: a checkpoint on disk is data, never code (a planted pickle cannot run).
         self.trainer.fit(self.module, datamodule=self.datamodule,
-                         ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+                         ckpt_path=str(ckpt_path) if ckpt_path is not None else None,
+                         weights_only=True if ckpt_path is not None else None)
         self.report = self._hand_back(best, int(self.trainer.current_epoch))
         if self.threshold_method != "none":
             self.calibrate_threshold()

@@ -38,9 +38,10 @@ from tasks.steps.evaluate import evaluate, score_split
 from tasks.steps.fit import fit_statistics
 from tasks.steps.load import combine_data, ingest_files, ingest_inbox, load_cubes, record_data
 from tasks.steps.register import find_unchanged, fingerprint, register_model
-from tasks.steps.run import describe_trigger, reconcile_dead_runs, set_run_tags, tracked_run
+from tasks.steps.run import describe_trigger, set_run_tags, tracked_run
 from tasks.steps.train import gradient_train
 from tasks.steps.unfreeze import unfreeze
+from tasks.tracking.reconcile import reconcile_dead_runs
 
 __all__ = [
     "DRIFT_EVENT",

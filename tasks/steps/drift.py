@@ -82,7 +82,9 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
     out = ctx.out / "drift"
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "drift_report.json"
-    report_path.write_text(
+    from tasks.env import atomic_write_bytes
+
+    atomic_write_bytes(report_path, (
         json.dumps(
             {
                 **report.to_dict(),
@@ -92,7 +94,7 @@ def drift_check(ctx: RunContext, data: DataRef) -> DriftResult:
             },
             indent=2,
         )
-    )
+    ).encode())
     plot_path = plot_drift_report(
         report,
         out / "drift_bands.png",

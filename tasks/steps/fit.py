@@ -54,8 +54,12 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
                 return InitStateRef(**{**hit.__dict__, "cached": True})
             except CubelineError as exc:
                 log.warning("cached Phase-1 state %s unusable (%s): fitting again", hit, exc)
+    from tasks.faults import fault
+
+    fault("phase1")
     p = ctx.params
     dm = run_datamodule(ctx, data)
+    p = _refuse_or_repair(ctx, data, dm, p)
     # selector_mode auto: both readings of the selector are fitted; the one with the higher
     # Phase-1 validation AP is kept (recorded in the state and the run).
     modes = ("soft", "hard") if p.pipeline.selector_mode == "auto" else (p.pipeline.selector_mode,)
@@ -129,6 +133,27 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
     )
     cache_put(ctx, key, ref)
     return ref
+
+
+def _refuse_or_repair(ctx: RunContext, data: DataRef, dm: CubeDataModule, p: Any) -> Any:
+    """``p``, or ``p`` with the stated ridge as ``pipeline.eps`` (``phase1.degenerate: ridge``)."""
+    from tasks.steps.degenerate import check_statistics
+    from tasks.steps.run import mlflow_client
+
+    frames = ", ".join(data.frame_names[i] for i in data.train_ids)
+    eps = check_statistics(
+        stream_moments(dm, p.phase1.normal_only),
+        frames=frames,
+        policy=p.phase1.degenerate,
+        ridge=p.phase1.ridge,
+        eps=p.pipeline.eps,
+    )
+    if eps is None:
+        return p
+    log.warning("Phase 1: degenerate training statistics repaired with a ridge eps=%g", eps)
+    if ctx.run_id is not None:
+        mlflow_client().log_param(ctx.run_id, "phase1/ridge_eps", f"{eps:.6g}")
+    return p.replace(pipeline=p.pipeline.replace(eps=eps))
 
 
 def stream_moments(dm: CubeDataModule, normal_only: bool) -> Any:

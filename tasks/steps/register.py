@@ -50,6 +50,7 @@ def register_model(
     import numpy as np
 
     from nodes.graph.pipeline import Pipeline
+    from tasks.faults import fault
     from tasks.pyfunc_model import SHA256_METADATA, log_pipeline_model
     from tasks.registry import (
         TAG_FINGERPRINT,
@@ -59,6 +60,7 @@ def register_model(
         version_metrics,
     )
 
+    fault("register")
     p = ctx.params
     ensure_active_run(ctx)
     assert ctx.run_id is not None

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -18,13 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodes.errors import ConfigError
-from tasks.env import process_alive, repo_root
+from tasks.env import repo_root
 from tasks.params import Params, load_params
 
 if TYPE_CHECKING:
 
     pass
 from tasks.steps.base import RunContext
+from tasks.tracking.reconcile import owner_tags
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,6 @@ def tracked_run(
     )
     flow_run_id, flow_run_name = _prefect_flow_run()
     trigger, reason = describe_trigger(params, note, event_id=event_id, data_version=data_version)
-    reconcile_dead_runs()
     run = mlflow.start_run(
         run_name=f"{flow_name}-{flow_run_name or uuid.uuid4().hex[:8]}",
         tags={
@@ -179,8 +177,7 @@ def tracked_run(
             "cubeline.reason": reason[:5000],
             "cubeline.trigger": trigger,
             "cubeline.event_id": event_id or "",
-            "cubeline.host": socket.gethostname(),
-            "cubeline.pid": str(os.getpid()),
+            **owner_tags(),
             "prefect.flow_run_id": flow_run_id or "",
             TAG_PARAMS_HASH: params.section_hash(),
             TAG_GIT_COMMIT: git_commit(root),
@@ -196,52 +193,12 @@ def tracked_run(
         mlflow.log_params(flat)
         yield ctx
     except BaseException as exc:
-        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        from tasks.lifecycle import interrupted
+
+        killed = interrupted(exc)
+        mlflow.end_run("KILLED" if killed else "FAILED")
         raise
     mlflow.end_run("FINISHED")
-
-
-def reconcile_dead_runs() -> list[str]:
-    """Mark KILLED the runs of the active experiment left RUNNING by a process that is gone.
-
-    A run records the host and pid of the process that opened it; one still RUNNING whose
-    process no longer exists on this host was ended by a kill (SIGKILL, power loss) before it
-    could close itself. Runs of other hosts are left alone (their processes cannot be checked).
-
-    Returns:
-        The ids of the runs marked KILLED.
-    """
-    from mlflow.tracking.fluent import _get_experiment_id
-
-    client = mlflow_client()
-    experiment_id = _get_experiment_id()
-    if not experiment_id:
-        return []
-    host = socket.gethostname()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`cubeline.host` = '{host}'",
-    )
-    killed = []
-    for run in runs:
-        try:
-            pid = int(run.data.tags.get("cubeline.pid", ""))
-        except ValueError:
-            continue
-        if pid == os.getpid() or process_alive(pid):
-            continue
-        client.set_tag(
-            run.info.run_id,
-            "cubeline.outcome",
-            f"killed: process {pid} on {host} ended without closing the run (marked KILLED by "
-            f"process {os.getpid()})",
-        )
-        client.set_terminated(run.info.run_id, "KILLED")
-        killed.append(run.info.run_id)
-    if killed:
-        log.warning("marked KILLED %d run(s) left RUNNING by dead processes: %s", len(killed),
-                    killed)
-    return killed
 
 
 def _prefect_flow_run() -> tuple[str | None, str | None]:

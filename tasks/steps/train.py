@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
     from nodes.library.presets import PresetHandle
     from nodes.training.gradient_trainer import GradientTrainer
     from tasks.env import quiet_lightning
+    from tasks.faults import epoch_fault_callback
+    from tasks.steps.resume import Phase2Resume
 
     quiet_lightning()
 
@@ -45,6 +48,7 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         # Lightning's LearningRateMonitor refuses to run without a logger.
         updates["callbacks"] = cfg.callbacks.model_copy(update={"lr_monitor": None})
     handle = PresetHandle.of(pipeline)
+    resume = Phase2Resume.for_run(ctx, data, pipe)
     trainer = GradientTrainer(
         pipeline,
         dm,
@@ -56,18 +60,27 @@ def gradient_train(ctx: RunContext, data: DataRef, pipe: PipelineRef) -> TrainRe
         seed=p.phase2.seed,
         logger=logger,
         # The layer table says nothing the run's params do not; keep orchestrated logs short.
-        callbacks=[ModelSummary(max_depth=0)],
+        callbacks=[ModelSummary(max_depth=0), resume.callback(), epoch_fault_callback()],
         threshold_method=p.threshold.method,
         target_fpr=p.threshold.target_fpr,
     )
     start = time.perf_counter()
-    val = trainer.fit()
+    val = trainer.fit(ckpt_path=resume.last())
+    resume.done()
     seconds = time.perf_counter() - start
     cfg_path, weights_path = pipeline.save_to_file(ctx.out / "pipeline.yaml")
     log_run_artifact(ctx, cfg_path, "pipeline")
     log_run_artifact(ctx, weights_path, "pipeline")
     cal = trainer.calibration
     threshold = float(cal.threshold) if cal is not None else None
+    if threshold is not None and not math.isfinite(threshold):
+        from nodes.errors import DegenerateStatisticsError
+
+        raise DegenerateStatisticsError(
+            f"the decision threshold calibrated on the val frames is {threshold} (the scores are "
+            "not finite): the model would flag every pixel or none. Fix: check the val and "
+            "training frames for constant or duplicated bands, or set phase1.degenerate: ridge"
+        )
     epochs = int(trainer.trainer.current_epoch) if trainer.trainer is not None else 0
     log_run_metrics(ctx, {"seconds": seconds, "epochs": epochs}, prefix="phase2/")
     report = trainer.report

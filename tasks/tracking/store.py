@@ -209,6 +209,11 @@ def configure_mlflow(
         _probe_http(uri)
     if registry_uri and registry_uri.startswith(("http://", "https://")) and registry_uri != uri:
         _probe_http(registry_uri)
+    if db_path is not None and db_path.exists() and not db_path.is_file():
+        raise TrackingUnavailableError(
+            f"the MLflow store {db_path} is not a file (a folder or device stands there). Fix: "
+            "move it aside, or set mlflow.tracking_uri to another sqlite:///<path>/mlflow.db"
+        )
     if db_path is not None:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +236,10 @@ def configure_mlflow(
         # once fail ("duplicate column"), so store initialization is serialized.
         with uri_lock(uri, "init", timeout_s=120.0):
             _open_experiment(experiment_name, artifact_root, warn=db_path is not None)
+        from tasks.tracking.reconcile import reconcile_dead_runs
+
+        # Every command that opens the store closes the runs that dead processes left RUNNING.
+        reconcile_dead_runs()
     except (MlflowException, LockTimeoutError) as exc:
         raise TrackingUnavailableError(
             f"Cannot open the MLflow tracking store {uri!r}: {exc}. Fix: check the URI and that "

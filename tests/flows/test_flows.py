@@ -230,8 +230,8 @@ def test_predict_replaces_planted_links_and_refuses_changed_models(
     trained: tuple[Path, object, str], tmp_path: Path
 ) -> None:
     """Outputs never write through a link; a model changed in the artifact store never loads."""
+    from nodes.errors import ContentHashError
     from tasks.predict import predict_cubes
-    from tasks.registry import RegistryError
 
     root, _, _ = trained
     frame = root / "data" / "session" / "abu-urban-5.mat"
@@ -255,7 +255,7 @@ def test_predict_replaces_planted_links_and_refuses_changed_models(
     original = stored.read_bytes()
     stored.write_bytes(original + b"appended")
     try:
-        with pytest.raises(RegistryError, match="differs from the file registered"):
+        with pytest.raises(ContentHashError, match="differs from the file registered"):
             predict_cubes(root / "params.yaml", [frame], tmp_path / "x")
     finally:
         stored.write_bytes(original)
