@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -15,13 +16,16 @@ from nodes.errors import DataValidationError
 
 def _write(path: Path, compressed: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "cube": rng.normal(size=(6, 5, 4)).astype(np.float32),
         "mask": (rng.random((6, 5)) > 0.8).astype(np.int64),
         "class_mask": np.asfortranarray(rng.integers(0, 3, size=(6, 5)).astype(np.uint8)),
         "wavelengths": np.arange(4, dtype=np.int64),
     }
-    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    if compressed:
+        np.savez_compressed(path, **arrays)
+    else:
+        np.savez(path, **arrays)
     return arrays
 
 
@@ -67,8 +71,6 @@ def test_crc_is_checked_once_per_file_version(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[_cube_data_offset(path) + 3] ^= 0x01
     path.write_bytes(bytes(raw))  # a new version (size or mtime): checked again
-    import os
-
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
     with pytest.raises(DataValidationError, match="CRC"):
