@@ -22,10 +22,9 @@ def _write(path: Path, compressed: bool = False) -> dict[str, np.ndarray]:
         "class_mask": np.asfortranarray(rng.integers(0, 3, size=(6, 5)).astype(np.uint8)),
         "wavelengths": np.arange(4, dtype=np.int64),
     }
-    if compressed:
-        np.savez_compressed(path, **arrays)
-    else:
-        np.savez(path, **arrays)
+    save = np.savez_compressed if compressed else np.savez
+    save(path, cube=arrays["cube"], mask=arrays["mask"], class_mask=arrays["class_mask"],
+         wavelengths=arrays["wavelengths"])
     return arrays
 
 
