@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
+from nodes.data.collate import collate_frames
 from nodes.data.readers import Frame, count_frames, iter_frames_at, read_frame
 from nodes.data.schemas import validate_frames
 from nodes.errors import DataValidationError
@@ -440,6 +441,7 @@ class CubeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_frames,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:
