@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
 from nodes.data.collate import collate_frames
-from nodes.data.readers import Frame, count_frames, iter_frames_at, read_frame
+from nodes.data.readahead import read_ahead
+from nodes.data.readers import Frame, count_frames, read_frame
 from nodes.data.schemas import validate_frames
 from nodes.errors import DataValidationError
-from nodes.hardware import pool, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +101,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-def _read_group(path: Path, indices: list[int], require_labels: bool) -> list[Frame]:
-    """The frames ``indices`` of one file (run on a worker thread by ``_read_many``)."""
-    return list(iter_frames_at(path, indices, require_labels=require_labels))
 
 
 class CubeDataModule(L.LightningDataModule):
@@ -281,23 +274,12 @@ class CubeDataModule(L.LightningDataModule):
         if self._memory_frames is not None:
             yield from (self._memory_frames[f] for f in frame_ids)
             return
-        # Files (.mat, .npz) are read ahead on worker threads, at most one per CPU in flight (so
-        # memory stays a few frames); a .cu3s session streams on this thread, frame by frame.
         require_labels = self.annotation_path is None
-        workers = worker_count()
-        pending: deque[Future[list[Frame]]] = deque()
-        for path, group in itertools.groupby(frame_ids, key=lambda f: self._index[f][0]):
-            indices = [self._index[f][1] for f in group]
-            if workers == 1 or path.suffix.lower() == ".cu3s":
-                while pending:
-                    yield from pending.popleft().result()
-                yield from iter_frames_at(path, indices, require_labels=require_labels)
-                continue
-            pending.append(pool(workers).submit(_read_group, path, indices, require_labels))
-            if len(pending) > workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+        groups = (
+            (path, [self._index[f][1] for f in group])
+            for path, group in itertools.groupby(frame_ids, key=lambda f: self._index[f][0])
+        )
+        yield from read_ahead(groups, require_labels=require_labels)
 
     @property
     def is_setup(self) -> bool:
