@@ -272,7 +272,7 @@ def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
     time minus this is the work around the GEMM.
     """
     from nodes.hardware import pool, single_threaded_blas, worker_count
-    from nodes.training.stats_blocked import MIN_STRIPE_ROWS, block_rows
+    from nodes.training.stats_blocked import MIN_STRIPE_ROWS, STRIPES_PER_WORKER, block_rows
 
     rows = block_rows(c)
     w = max(1, min(worker_count(), batch_pixels // MIN_STRIPE_ROWS))
@@ -290,8 +290,9 @@ def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
         if w == 1:
             stripe(n)
         else:
+            k = w * STRIPES_PER_WORKER
             with single_threaded_blas():
-                list(pool(w).map(lambda i, n=n: stripe(n // w + (i < n % w)), range(w)))
+                list(pool(w).map(lambda i, n=n, k=k: stripe(n // k + (i < n % k)), range(k)))
     return time.perf_counter() - t0
 
 

@@ -202,13 +202,14 @@ def _block_rows(c: int, itemsize: int) -> int:
 def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) -> Tensor:
     """``||W (x - mu_hi) + bias||^2`` per row of ``x`` (N, C), in ``w.dtype``, without autograd.
 
-    The rows are split into one stripe per worker thread (:func:`nodes.hardware.worker_count`);
-    each worker walks its stripe in cache-sized blocks (:func:`_block_rows`, from the L2 size read
-    at run time): the shift (with the conversion, one op) into one work buffer, one GEMM into the
-    other, one row-wise sum of squares into the output, while the block is in cache. BLAS runs
+    The rows are split into a few stripes per worker thread (:func:`nodes.hardware.worker_count`),
+    pulled from a queue; each stripe is walked in cache-sized blocks (:func:`_block_rows`, from
+    the L2 size read at run time): the shift (with the conversion, one op) into one work
+    buffer, one GEMM into the other, one row-wise sum of squares into the output, while the
+    block is in cache. BLAS runs
     single-threaded inside the workers, so there is no parallel region (and no thread barrier
-    that a busy machine could stall) per op; the work buffers are the process's reused scratch
-    (:func:`_work_buffers`), since fresh buffers per call cost page faults.
+    that a busy machine could stall) per op. On one thread the work buffers are the process's
+    reused scratch (:func:`_work_buffers`); stripes on workers get their own cache-sized ones.
     """
     n, c = x.shape
     dtype = w.dtype
@@ -221,7 +222,9 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
     bn = None if bias is None else bias.detach().numpy()
     step = max(1, (1 << 15) // c)
     blocks = -(-n // rows)
-    bounds = [min(n, (blocks * i // workers) * rows) for i in range(workers + 1)]
+    # A few stripes per worker, pulled from the pool's queue (load balancing on a shared core).
+    tasks = 1 if workers == 1 else min(blocks, 4 * workers)
+    bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
 
     def stripe(i: int, diff: Tensor, z: Tensor) -> None:
         dn, zn = diff.numpy(), z.numpy()
@@ -237,14 +240,15 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
                 zc += bn
             np.einsum("ij,ij->i", zc, zc, out=cast(Any, out[start:stop]))
 
-    with _work_buffers(rows * workers, c, dtype) as (diff, z):
-        if workers == 1:
+    if tasks == 1:
+        with _work_buffers(rows, c, dtype) as (diff, z):
             stripe(0, diff, z)
-        else:
-            with single_threaded_blas():
-                list(pool(workers).map(
-                    lambda i: stripe(i, diff[i * rows : (i + 1) * rows],
-                                     z[i * rows : (i + 1) * rows]), range(workers)))
+    else:
+        # Each stripe has its own cache-sized buffers (which thread runs it is not known ahead).
+        with single_threaded_blas():
+            list(pool(workers).map(
+                lambda i: stripe(i, torch.empty(rows, c, dtype=dtype),
+                                 torch.empty(rows, c, dtype=dtype)), range(tasks)))
     return torch.from_numpy(out)
 
 
@@ -256,9 +260,9 @@ _SCRATCH: dict[str, Tensor] = {"bytes": torch.empty(0, dtype=torch.uint8)}
 def _work_buffers(rows: int, c: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
     """Two (rows, c) work buffers of ``dtype``: the process's scratch, or fresh if it is in use.
 
-    The scratch is one byte buffer, grown to the largest request (two cache-sized blocks per
-    worker) and kept, so that repeated scoring does not page-fault in new memory
-    on every call. A caller on another thread while it is in use gets fresh buffers instead.
+    The scratch is one byte buffer, grown to the largest request and kept, so that repeated
+    scoring does not page-fault in new memory on every call. A caller on another thread while it
+    is in use gets fresh buffers instead.
     """
     size = rows * c * dtype.itemsize
     half = -(-size // 64) * 64  # the second buffer starts 64-byte aligned

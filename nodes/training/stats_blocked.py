@@ -2,18 +2,19 @@
 
 For a batch ``x`` (N, C) of any float dtype and a float64 shift ``s`` (C,), :func:`blocked_sums`
 returns the float64 column sums and Gram matrix of ``y = x - s`` and the per-channel min/max of
-``x``, reading ``x`` once. The rows are split into one contiguous stripe per worker thread; each
-worker walks its stripe in blocks of :func:`block_rows` pixels, sized from the L2 cache the
-machine reports, and per block
+``x``, reading ``x`` once. The rows are split into a few contiguous stripes per worker
+thread; a worker walks each stripe it takes in blocks of :func:`block_rows` pixels, sized from
+the L2 cache the machine reports, and per block
 
-1. converts and shifts the block into a reused float64 buffer (one ufunc call; the batch is never
-   materialized in float64),
-2. adds the block's Gram matrix *and* its column sums with one symmetric rank-k update: the buffer
-   carries a column of ones, so ``B^T B`` of the ``(rows, C + 1)`` block holds ``Y^T Y`` and, in
-   its last row, ``1^T Y`` (NumPy dispatches ``b.T @ b`` on one buffer to BLAS ``?syrk``),
-3. folds the block's min/max into the worker's running min/max while the block is in cache.
+1. converts and shifts the block into a reused float64 buffer (torch's vectorized
+   ``float32 - float64``, in calls of at most its intra-op grain size so no OpenMP team starts
+   inside a worker; the batch is never materialized in float64),
+2. adds the block's Gram matrix with one symmetric rank-k update (NumPy dispatches ``b.T @ b``
+   on one buffer to BLAS ``?syrk``) and its column sums with one ``?gemv``,
+3. folds the block's min/max into the stripe's running min/max by halving the float32 block
+   (long vector loops) while it is in cache.
 
-Every worker has its own accumulators; since all use the same shift, the workers' sums add up
+Every stripe has its own accumulators; since all use the same shift, the stripes' sums add up
 exactly as the blocks of one worker do, and the caller merges the batch into its state with the
 Chan et al. formula. While workers run, BLAS is capped at one thread per worker
 (:func:`nodes.hardware.single_threaded_blas`), so the threads do not oversubscribe the cores.
@@ -32,8 +33,10 @@ from nodes.hardware import cache_size, pool, single_threaded_blas, worker_count
 L2_SHARE = 0.5
 #: Fewest rows per block: below this the per-block call overhead dominates.
 MIN_BLOCK_ROWS = 256
-#: Fewest rows per worker stripe: smaller batches run on one thread.
+#: Fewest rows per worker: smaller batches run on one thread.
 MIN_STRIPE_ROWS = 16_384
+#: Stripes per worker thread (load balancing on a shared machine).
+STRIPES_PER_WORKER = 4
 
 def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None) -> int:
     """Pixels per block so that one float64 block and its input fill :data:`L2_SHARE` of L2.
@@ -132,13 +135,16 @@ def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = T
     w = max(1, min(workers or worker_count(), n // MIN_STRIPE_ROWS))
     if w == 1:
         return _stripe_sums(x, shift, rows, track_minmax)
-    # Stripes on block boundaries, so the blocks are the same whatever the worker count.
+    # Stripes on block boundaries, so the blocks are the same whatever the worker count; a few
+    # stripes per worker, pulled from the pool's queue, so that a worker whose core is shared
+    # with another process takes fewer of them instead of holding the whole batch back.
     blocks = -(-n // rows)
-    bounds = [min(n, (blocks * i // w) * rows) for i in range(w + 1)]
+    tasks = min(blocks, w * STRIPES_PER_WORKER)
+    bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
     with single_threaded_blas():
         parts = list(pool(w).map(
             lambda i: _stripe_sums(x[bounds[i] : bounds[i + 1]], shift, rows, track_minmax),
-            range(w)))
+            range(tasks)))
     ysum = parts[0][0]
     gram = parts[0][1]
     for p in parts[1:]:
