@@ -63,7 +63,7 @@ DEFAULT_CUVIS_PYTHON = "/work/peers/cuvis-venv/bin/python"
 DEFAULT_SPECTRAL_PYTHON = "/work/peers/spectral-venv/bin/python"
 TOOLS = ("cubeline", "cuvis-ai", "spectral")
 OPS = ("gram_f64", "phase1", "rx_score", "two_phase")
-TARGETS = {("phase1", "cuvis-ai"): 4.0, ("rx_score", "cuvis-ai"): 2.0,
+TARGETS = {("phase1", "cuvis-ai"): 6.0, ("rx_score", "cuvis-ai"): 2.0,
            ("phase1", "spectral"): 10.0, ("rx_score", "spectral"): 10.0}
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

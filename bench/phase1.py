@@ -163,7 +163,7 @@ def welford_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batch_size: int,
                    repeats: int, welford_pixels: int, datamodule: Any | None = None,
-                   ) -> dict[str, Any]:
+                   npz_dm: Any | None = None) -> dict[str, Any]:
     """(a) ours, (b) per-sample Welford, (c) float64 X^T X on the pixels of ``cubes``."""
     c = int(cubes.shape[-1])
     pixels = int(cubes.shape[:3].numel())
@@ -186,7 +186,15 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
     if datamodule is not None:
         datamodule.setup("fit")  # validation of the frames happens once, before Phase 1
         datamodule.train_dataloader = counting_loader
-    t_ours = t_dm = t_xtx = float("inf")
+    t_ours = t_dm = t_xtx_torch = t_xtx_numpy = t_gemm = t_npz = float("inf")
+    x64n = x64.numpy()
+    mem_b = list(range(mem.batches_per_epoch))
+    npz_setup_s = None
+    pipe_npz = chain(c)
+    if npz_dm is not None:
+        t0 = time.perf_counter()
+        npz_dm.setup("fit")
+        npz_setup_s = time.perf_counter() - t0
     report = None
     pipe_mem, pipe_dm = chain(c), chain(c)  # built once: fit() refits every statistical node
     for _ in range(repeats):
@@ -196,8 +204,15 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
             t, _ = best_of(StatisticalTrainer(pipeline=pipe_dm, datamodule=datamodule).fit, 1)
             t_dm = min(t_dm, t)
         t, _ = best_of(lambda: x64.T @ x64, 1)
-        t_xtx = min(t_xtx, t)
+        t_xtx_torch = min(t_xtx_torch, t)
+        t, _ = best_of(lambda: x64n.T @ x64n, 1)
+        t_xtx_numpy = min(t_xtx_numpy, t)
+        t_gemm = min(t_gemm, gemm_only_seconds(pixels, c, batch_pixels=pixels // len(mem_b)))
+        if npz_dm is not None:
+            t, _ = best_of(StatisticalTrainer(pipeline=pipe_npz, datamodule=npz_dm).fit, 1)
+            t_npz = min(t_npz, t)
     assert report is not None
+    t_xtx = min(t_xtx_torch, t_xtx_numpy)
     passes_counted = mem.yielded / (repeats * mem.batches_per_epoch)
     dm_passes = None
     if datamodule is not None and inner is not None:
@@ -230,14 +245,55 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
         "welford_passes": 1,
         "welford_vs_chan_m2_relerr": welford_err,
         "xtx_s": t_xtx,
+        "xtx_torch_s": t_xtx_torch,
+        "xtx_numpy_s": t_xtx_numpy,
         "xtx_mpix_s": pixels / t_xtx / 1e6,
+        "gemm_in_phase1_s": t_gemm,
+        "gemm_fraction": t_gemm / t_ours,
+        "npz_setup_s": npz_setup_s,
+        "npz_fit_s": t_npz if npz_dm is not None else None,
     }
+    if npz_dm is not None:
+        out["time_npz_over_xtx"] = t_npz / t_xtx
+        out["time_npz_over_inmemory"] = t_npz / t_ours
     out["speedup_vs_welford"] = out["ours_mpix_s"] / out["welford_mpix_s"]
     out["time_ours_over_xtx"] = t_ours / t_xtx
     if t_dm_or_none:
         out["speedup_dm_vs_welford"] = out["ours_dm_mpix_s"] / out["welford_mpix_s"]
         out["time_dm_over_xtx"] = t_dm / t_xtx
     return out
+
+
+def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
+    """Wall time of the Gram products alone of Phase 1's blocked pass over ``pixels``.
+
+    The same block size, stripes and threads as :func:`~nodes.training.stats_blocked.blocked_sums`,
+    but every block is a ready float64 buffer: no conversion, shift, sums or min/max. Phase 1's
+    time minus this is the work around the GEMM.
+    """
+    from nodes.hardware import pool, single_threaded_blas, worker_count
+    from nodes.training.stats_blocked import MIN_STRIPE_ROWS, STRIPES_PER_WORKER, block_rows
+
+    rows = block_rows(c)
+    w = max(1, min(worker_count(), batch_pixels // MIN_STRIPE_ROWS))
+
+    def stripe(n: int) -> None:
+        b = np.random.default_rng(0).random((min(rows, n), c))
+        g = np.zeros((c, c))
+        for start in range(0, n, rows):
+            bb = b[: min(rows, n - start)]
+            g += bb.T @ bb
+
+    t0 = time.perf_counter()
+    for start in range(0, pixels, batch_pixels):
+        n = min(batch_pixels, pixels - start)
+        if w == 1:
+            stripe(n)
+        else:
+            k = w * STRIPES_PER_WORKER
+            with single_threaded_blas():
+                list(pool(w).map(lambda i, n=n, k=k: stripe(n // k + (i < n % k)), range(k)))
+    return time.perf_counter() - t0
 
 
 def rx_throughput(channels: int, pixels: int, repeats: int) -> dict[str, float]:
@@ -376,10 +432,20 @@ def fmt_phase1(r: dict[str, Any]) -> str:
         f"{r['welford_mpix_s']:8.4f} Mpix/s  (timed on {r['welford_pixels_timed']} px, "
         "extrapolated; 1 pass)",
         f"    (c) float64 X^T X           : {r['xtx_s'] * 1e3:9.1f} ms  "
-        f"{r['xtx_mpix_s']:8.3f} Mpix/s",
+        f"{r['xtx_mpix_s']:8.3f} Mpix/s  (best of torch {r['xtx_torch_s'] * 1e3:.1f} ms, "
+        f"NumPy syrk {r['xtx_numpy_s'] * 1e3:.1f} ms)",
+        f"    GEMM share of (a)           : {r['gemm_in_phase1_s'] * 1e3:9.1f} ms  "
+        f"= {100 * r['gemm_fraction']:.0f} % GEMM, {100 * (1 - r['gemm_fraction']):.0f} % the "
+        "rest (conversion, shift, sums, min/max, pipeline, merge)",
         f"    ours / Welford = {r['speedup_vs_welford']:.0f}x (target >= 50x);  "
         f"time(ours) / time(X^T X) = {r['time_ours_over_xtx']:.2f} (target <= 1.5)",
     ]
+    if r.get("npz_fit_s"):
+        lines.append(
+            f"    end to end from .npz (CubeDataModule, cache_bytes=0, files re-read each fit): "
+            f"{r['npz_fit_s'] * 1e3:.1f} ms = {r['time_npz_over_xtx']:.2f} x X^T X "
+            f"(target <= 2.0), {r['time_npz_over_inmemory']:.2f} x in-memory (target <= 1.3); "
+            f"setup (read + validate once) {r['npz_setup_s'] * 1e3:.1f} ms")
     if r["ours_dm_s"]:
         lines.append(
             f"    end to end: ours / Welford = {r['speedup_dm_vs_welford']:.0f}x;  "
@@ -463,10 +529,20 @@ def main() -> None:
     ids = list(range(args.cubes))
     dm = CubeDataModule.from_arrays(cubes.numpy(), masks.numpy(), train_ids=ids, val_ids=[0],
                                     test_ids=[0], batch_size=args.batch_size)
+    npz_dir = tempfile.TemporaryDirectory(prefix="cubeline-bench-npz-")
+    wl = np.arange(400, 400 + 5 * args.channels, 5, dtype=np.int64)[: args.channels]
+    npz_paths = []
+    for i in ids:
+        p = Path(npz_dir.name) / f"frame_{i:04d}.npz"
+        np.savez(p, cube=cubes[i].numpy(), wavelengths=wl, mask=masks[i].numpy().astype(np.int64))
+        npz_paths.append(p)
+    npz_dm = CubeDataModule(npz_paths, train_ids=ids, val_ids=[0], test_ids=[0],
+                            batch_size=args.batch_size, cache_bytes=0)
     print("Phase 1 (normalizer -> selector -> RX), best of", args.repeats)
     synth = phase1_figures("synthetic", cubes, masks, batch_size=args.batch_size,
                            repeats=args.repeats, welford_pixels=args.welford_pixels,
-                           datamodule=dm)
+                           datamodule=dm, npz_dm=npz_dm)
+    npz_dir.cleanup()
     print(fmt_phase1(synth))
     result["phase1_synthetic"] = synth
     del cubes, masks, dm
@@ -500,6 +576,9 @@ def main() -> None:
         "synthetic_speedup_vs_welford": synth["speedup_vs_welford"],
         "synthetic_time_over_xtx": synth["time_ours_over_xtx"],
         "synthetic_dm_time_over_xtx": synth.get("time_dm_over_xtx"),
+        "synthetic_npz_time_over_xtx": synth.get("time_npz_over_xtx"),
+        "synthetic_npz_time_over_inmemory": synth.get("time_npz_over_inmemory"),
+        "synthetic_gemm_fraction": synth["gemm_fraction"],
         "synthetic_passes": synth["ours_passes"],
         "session_speedup_vs_welford": (result["phase1_session"] or {}).get("speedup_vs_welford"),
         "session_time_over_xtx": (result["phase1_session"] or {}).get("time_ours_over_xtx"),

@@ -26,7 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
-from nodes.data.readers import Frame, count_frames, iter_frames_at, read_frame
+from nodes.data.collate import collate_frames
+from nodes.data.readahead import read_ahead
+from nodes.data.readers import Frame, count_frames, read_frame
 from nodes.data.schemas import validate_frames
 from nodes.errors import DataValidationError
 
@@ -273,9 +275,11 @@ class CubeDataModule(L.LightningDataModule):
             yield from (self._memory_frames[f] for f in frame_ids)
             return
         require_labels = self.annotation_path is None
-        for path, group in itertools.groupby(frame_ids, key=lambda f: self._index[f][0]):
-            indices = [self._index[f][1] for f in group]
-            yield from iter_frames_at(path, indices, require_labels=require_labels)
+        groups = (
+            (path, [self._index[f][1] for f in group])
+            for path, group in itertools.groupby(frame_ids, key=lambda f: self._index[f][0])
+        )
+        yield from read_ahead(groups, require_labels=require_labels)
 
     @property
     def is_setup(self) -> bool:
@@ -440,6 +444,7 @@ class CubeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_frames,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from nodes.data.npz_member import read_member as _read_member
 from nodes.errors import DataValidationError
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".mat", ".npz", ".cu3s")
@@ -264,7 +265,11 @@ def _load_npz(path: Path, require_labels: bool) -> tuple[dict[str, np.ndarray], 
                 "supply labels through a COCO annotation file."
             )
         try:
-            arrays = {k: npz[k] for k in ("cube", "mask", "class_mask", "wavelengths") if k in npz}
+            arrays = {
+                k: _read_member(path, npz, k)
+                for k in ("cube", "mask", "class_mask", "wavelengths")
+                if k in npz
+            }
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as exc:
             raise DataValidationError(
                 f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); {corrupt_fix}"

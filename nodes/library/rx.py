@@ -6,7 +6,7 @@ The score of a pixel is its squared Mahalanobis distance to the background,
 which matters on the nearly singular covariances of adjacent bands. ``L^{-1}`` comes from one
 triangular solve against the identity (C x C, cached while the factor does not change), so scoring
 a batch is a single matrix product instead of a row-by-row substitution (on the CPU without
-autograd, in large blocks of rows through reused work buffers). The factor
+autograd, in cache-sized blocks of rows over worker threads). The factor
 is also the Phase-2 parameterization of the precision: ``L L^T`` stays symmetric positive
 definite whatever the optimizer does to the lower triangle (the diagonal enters by magnitude).
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,11 +26,14 @@ from nodes.errors import CubelineError
 from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
+from nodes.hardware import cache_size, pool, single_threaded_blas, worker_count
 from nodes.training.stats import MomentState
 
 _F64 = torch.float64
-#: CPU scoring works on blocks of rows of at most this many bytes per work buffer (two buffers).
-_BLOCK_BYTES = 64 << 20
+#: Bytes per work buffer of a CPU scoring block; None: from the L2 size (:func:`_block_rows`).
+_BLOCK_BYTES: int | None = None
+#: Fewest rows per CPU scoring block.
+_MIN_BLOCK_ROWS = 256
 _SCORE_DTYPES = ("auto", "float64", "float32")
 
 
@@ -187,39 +191,65 @@ class RXGlobal(Node):
         return {"scores": scores.reshape(shape).to(data.dtype)}
 
 
+def _block_rows(c: int, itemsize: int) -> int:
+    """Rows per scoring block: two (rows, c) work buffers in half the L2 cache of this machine."""
+    if _BLOCK_BYTES is not None:
+        return max(1, _BLOCK_BYTES // max(1, c * itemsize))
+    rows = cache_size(2) // 2 // (2 * c * itemsize)
+    return max(_MIN_BLOCK_ROWS, rows // 64 * 64)
+
+
 def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) -> Tensor:
     """``||W (x - mu_hi) + bias||^2`` per row of ``x`` (N, C), in ``w.dtype``, without autograd.
 
-    Per block of rows (:data:`_BLOCK_BYTES` per work buffer): the shift (with the conversion, one
-    op) into one work buffer, one GEMM into the other, one row-norm reduction into the output; the
-    norms are squared once at the end (1 ulp of rounding). Instead of full passes over N x C that
-    each write a fresh tensor: fresh buffers of a whole batch cost more in page faults than the
-    GEMM, so the work buffers are the process's reused scratch (:func:`_work_buffers`).
-
-    Large blocks rather than cache-sized chunks, for a busy machine: each op is a parallel region
-    that ends in a thread barrier, and when other multi-threaded processes compete for the cores,
-    every barrier can wait a scheduler time slice for a descheduled thread. Measured on the 2-core
-    VM (262 144 x 61 float32 pixels, 2 threads; quiet / beside three 2-thread torch processes):
-    2 MiB blocks 19 / 1800 ms, 8 MiB 21 / 500 ms, 64 MiB 27 / 131 ms (cuvis-ai's einsum on the
-    same pixels: 64 / 262 ms). The float64 mode pays more for leaving the cache (64 MiB:
-    100 ms quiet, against 37 ms in 2 MiB blocks).
+    The rows are split into a few stripes per worker thread (:func:`nodes.hardware.worker_count`),
+    pulled from a queue; each stripe is walked in cache-sized blocks (:func:`_block_rows`, from
+    the L2 size read at run time): the shift (with the conversion, one op) into one work
+    buffer, one GEMM into the other, one row-wise sum of squares into the output, while the
+    block is in cache. BLAS runs
+    single-threaded inside the workers, so there is no parallel region (and no thread barrier
+    that a busy machine could stall) per op. On one thread the work buffers are the process's
+    reused scratch (:func:`_work_buffers`); stripes on workers get their own cache-sized ones.
     """
     n, c = x.shape
     dtype = w.dtype
-    rows = max(1, min(n, _BLOCK_BYTES // max(1, c * w.element_size())))
-    out = torch.empty(n, dtype=dtype)
-    wt = w.T
-    with _work_buffers(rows, c, dtype) as (diff, z):
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            d, zc = diff[: stop - start], z[: stop - start]
-            torch.sub(x[start:stop], mu_hi, out=d)
-            if bias is None:
-                torch.mm(d, wt, out=zc)
-            else:
-                torch.addmm(bias, d, wt, out=zc)
-            torch.linalg.vector_norm(zc, dim=1, out=out[start:stop])
-    return out.square_()
+    rows = min(n, _block_rows(c, w.element_size()))
+    workers = max(1, min(worker_count(), n // max(1, 4 * rows)))
+    out = np.empty(n, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    xn = x.detach().contiguous()
+    wt = w.T.contiguous().numpy()
+    mu = mu_hi.detach().to(dtype)
+    bn = None if bias is None else bias.detach().numpy()
+    step = max(1, (1 << 15) // c)
+    blocks = -(-n // rows)
+    # A few stripes per worker, pulled from the pool's queue (load balancing on a shared core).
+    tasks = 1 if workers == 1 else min(blocks, 4 * workers)
+    bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
+
+    def stripe(i: int, diff: Tensor, z: Tensor) -> None:
+        dn, zn = diff.numpy(), z.numpy()
+        for start in range(bounds[i], bounds[i + 1], rows):
+            stop = min(bounds[i + 1], start + rows)
+            k = stop - start
+            for s0 in range(0, k, step):  # ops of <= torch's grain size: no OpenMP team
+                s1 = min(k, s0 + step)
+                torch.sub(xn[start + s0 : start + s1], mu, out=diff[s0:s1])
+            zc = zn[:k]
+            np.matmul(dn[:k], wt, out=zc)
+            if bn is not None:
+                zc += bn
+            np.einsum("ij,ij->i", zc, zc, out=cast(Any, out[start:stop]))
+
+    if tasks == 1:
+        with _work_buffers(rows, c, dtype) as (diff, z):
+            stripe(0, diff, z)
+    else:
+        # Each stripe has its own cache-sized buffers (which thread runs it is not known ahead).
+        with single_threaded_blas():
+            list(pool(workers).map(
+                lambda i: stripe(i, torch.empty(rows, c, dtype=dtype),
+                                 torch.empty(rows, c, dtype=dtype)), range(tasks)))
+    return torch.from_numpy(out)
 
 
 _SCRATCH_LOCK = threading.Lock()
@@ -230,9 +260,9 @@ _SCRATCH: dict[str, Tensor] = {"bytes": torch.empty(0, dtype=torch.uint8)}
 def _work_buffers(rows: int, c: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
     """Two (rows, c) work buffers of ``dtype``: the process's scratch, or fresh if it is in use.
 
-    The scratch is one byte buffer, grown to the largest request (at most twice
-    :data:`_BLOCK_BYTES`) and kept, so that repeated scoring does not page-fault in new memory
-    on every call. A caller on another thread while it is in use gets fresh buffers instead.
+    The scratch is one byte buffer, grown to the largest request and kept, so that repeated
+    scoring does not page-fault in new memory on every call. A caller on another thread while it
+    is in use gets fresh buffers instead.
     """
     size = rows * c * dtype.itemsize
     half = -(-size // 64) * 64  # the second buffer starts 64-byte aligned

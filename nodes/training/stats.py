@@ -17,14 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from nodes.training.stats_blocked import blocked_sums
+
 _F64 = torch.float64
 
-#: Pixels per CPU chunk: the float64 scratch copy (chunk * C * 8 bytes) stays in cache.
-DEFAULT_CHUNK = 1 << 13
 
 
 @dataclass(frozen=True)
@@ -213,7 +212,8 @@ class MomentAccumulator:
         num_channels: Number of channels C.
         device: Device of the state.
         chunk: Pixels per GEMM; bounds the float64 scratch buffer to ``chunk * C * 8`` bytes.
-            Default: 8192 on the CPU (cache-resident), 1048576 on CUDA (fewer launches).
+            Default: sized from the L2 cache on the CPU (see
+            :func:`nodes.training.stats_blocked.block_rows`), 1048576 on CUDA (fewer launches).
         track_minmax: Also track per-channel min/max.
         fused: Use the fused Triton kernel for CUDA samples where it is available; False keeps
             the torch path (chunked float64 GEMMs).
@@ -337,41 +337,15 @@ class MomentAccumulator:
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Column sums, Gram matrix and min/max of ``x - shift`` in float64, on the CPU.
 
-        Each chunk is written, shifted and converted, next to a column of ones in a reused
-        (chunk, C + 1) buffer small enough to stay in cache; one BLAS ``dsyrk`` per chunk
-        (symmetric rank-k update: half the flops of a general product, the routine NumPy uses for
-        ``a.T @ a``) adds its Gram matrix *and* its column sums (the last row) into one
-        accumulator in place.
+        One blocked pass over cache-sized pixel blocks, split over worker threads
+        (:func:`nodes.training.stats_blocked.blocked_sums`); ``chunk``, where given, is the
+        block size in pixels.
         """
-        from scipy.linalg.blas import dsyrk
-
-        n, c = x.shape
-        chunk = self.chunk or DEFAULT_CHUNK
-        buf = self._buf
-        if buf is None or buf.shape[0] < min(n, chunk):
-            buf = torch.empty(min(n, chunk), c + 1, dtype=_F64)
-            buf[:, c] = 1.0
-            self._buf = buf
-        b_all = buf.numpy()
-        xn = x.numpy()
-        sn = shift.numpy()
-        acc = np.zeros((c + 1, c + 1), order="F")
-        lo = np.full(c, np.inf)
-        hi = np.full(c, -np.inf)
-        for start in range(0, n, chunk):
-            xc = xn[start : start + chunk]
-            b = b_all[: xc.shape[0]]
-            np.subtract(xc, sn, out=b[:, :c])
-            # The C-order (rows, C+1) block is the Fortran-order matrix B^T: syrk adds B^T B.
-            acc = dsyrk(1.0, b.T, beta=1.0, c=acc, trans=0, lower=1, overwrite_c=1)
-            if self.track_minmax:
-                np.minimum(lo, xc.min(axis=0), out=lo)
-                np.maximum(hi, xc.max(axis=0), out=hi)
-        full = torch.from_numpy(np.tril(acc) + np.tril(acc, -1).T)
-        gram, ysum = full[:c, :c].contiguous(), full[c, :c].clone()
-        if not self.track_minmax:
-            return ysum, gram, None, None
-        return ysum, gram, torch.from_numpy(lo), torch.from_numpy(hi)
+        ysum, gram, lo, hi = blocked_sums(x, shift, track_minmax=self.track_minmax,
+                                          rows=self.chunk)
+        return (torch.from_numpy(ysum), torch.from_numpy(gram),
+                None if lo is None else torch.from_numpy(lo),
+                None if hi is None else torch.from_numpy(hi))
 
     def merge(self, other: MomentAccumulator | MomentState) -> MomentAccumulator:
         """Merge another accumulator's (or a raw state's) samples into this one; returns self."""

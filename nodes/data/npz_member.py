@@ -1,0 +1,68 @@
+"""Reading one array of an ``.npz`` archive straight from the file, for the readers.
+
+Kept apart from :mod:`nodes.data.readers` (which is past 600 lines) since it is the one piece of
+the data path that touches the zip layout itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Members whose CRC-32 was checked, by (file, size, mtime, member): a file is verified once per
+#: version, and re-reads of the same file (a data module without a frame cache) skip the CRC.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
+    """Array ``key`` of an open ``NpzFile``, read straight from the file where it is stored.
+
+    An uncompressed member (``np.savez``) is read with one ``readinto`` into its final array,
+    instead of through the zip stream's buffered reads and a copy; its CRC-32 is checked the
+    first time each version of the file is read. Compressed members, and anything unusual, take
+    NumPy's own path. Raises what NumPy's path raises for a truncated or corrupt member.
+    """
+    zf = npz.zip
+    info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return np.asarray(npz[key])
+    st = path.stat()
+    tag = (str(path), st.st_size, st.st_mtime_ns, key)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header of member {key}.npy")
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+            local[28:30], "little")
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        if dtype.hasobject:
+            return np.asarray(npz[key])  # NumPy refuses it (allow_pickle=False) with its message
+        head_len = fh.tell() - start
+        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+        if out.nbytes + head_len > info.file_size:
+            raise EOFError(f"member {key}.npy is shorter than its header says")
+        raw = out.reshape(-1, order="A").view(np.uint8)
+        if raw.size and fh.readinto(raw.data) != raw.size:
+            raise EOFError(f"member {key}.npy is truncated")
+        with _VERIFIED_LOCK:
+            verified = tag in _VERIFIED
+        if not verified:
+            fh.seek(start)
+            crc = zlib.crc32(raw.data, zlib.crc32(fh.read(head_len)))
+            if crc != info.CRC:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{key}.npy'")
+            with _VERIFIED_LOCK:
+                _VERIFIED.add(tag)
+    return out

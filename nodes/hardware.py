@@ -1,0 +1,111 @@
+"""What the CPU this process runs on offers: cache sizes, usable cores, a worker pool, BLAS caps.
+
+Read at run time, so that block sizes and thread counts follow the machine instead of one
+machine's constants. Used by the blocked Phase-1 sums (:mod:`nodes.training.stats_blocked`) and
+RX scoring on the CPU (:mod:`nodes.library.rx`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from threadpoolctl import ThreadpoolController
+
+#: Cache sizes assumed per level where neither sysfs nor sysconf reports one (bytes).
+FALLBACK_CACHE_BYTES = {1: 32 << 10, 2: 512 << 10, 3: 8 << 20}
+
+_SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _parse_size(text: str) -> int | None:
+    """Bytes of a sysfs cache size such as ``"1024K"`` or ``"32M"``; None where unparseable."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in "KMG" else text
+    return int(digits) * scale if digits.isdigit() else None
+
+
+@functools.cache
+def cache_size(level: int = 2, root: Path = _SYSFS_CACHE) -> int:
+    """Size in bytes of the data (or unified) cache of ``level`` of the first CPU.
+
+    Read from ``/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}``; where that is
+    missing (some containers and non-Linux systems), from ``os.sysconf`` (glibc reads CPUID);
+    else :data:`FALLBACK_CACHE_BYTES`.
+
+    Args:
+        level: Cache level (1, 2 or 3).
+        root: The sysfs cache directory (a parameter for tests).
+
+    Returns:
+        The size in bytes (positive).
+    """
+    try:
+        for index in sorted(root.glob("index*")):
+            if int((index / "level").read_text()) != level:
+                continue
+            if (index / "type").read_text().strip() not in ("Data", "Unified"):
+                continue
+            size = _parse_size((index / "size").read_text())
+            if size:
+                return size
+    except (OSError, ValueError):
+        pass
+    name = {1: "SC_LEVEL1_DCACHE_SIZE", 2: "SC_LEVEL2_CACHE_SIZE",
+            3: "SC_LEVEL3_CACHE_SIZE"}.get(level)
+    if name is not None and name in os.sysconf_names:
+        try:
+            size = int(os.sysconf(name))
+        except (OSError, ValueError):
+            size = 0
+        if size > 0:
+            return size
+    return FALLBACK_CACHE_BYTES.get(level, FALLBACK_CACHE_BYTES[2])
+
+
+def worker_count() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def pool(workers: int) -> ThreadPoolExecutor:
+    """The process's worker pool, grown to at least ``workers`` threads."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or workers > _POOL_SIZE:
+            old = _POOL
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cubeline-cpu")
+            _POOL_SIZE = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
+
+
+@functools.cache
+def _controller() -> ThreadpoolController:
+    """One threadpoolctl controller (finding the BLAS libraries costs a scan of the process)."""
+    return ThreadpoolController()
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Cap BLAS (OpenBLAS, MKL, BLIS) at one thread while worker threads call it.
+
+    The cap is process-wide: the caller's own thread waits on the workers meanwhile.
+    """
+    with _controller().limit(limits=1, user_api="blas"):
+        yield

@@ -1,0 +1,85 @@
+"""Direct reads of stored .npz members (nodes/data/npz_member.py) through the readers."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodes.data import npz_member
+from nodes.data.readers import read_npz
+from nodes.errors import DataValidationError
+
+
+def _write(path: Path, compressed: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {
+        "cube": rng.normal(size=(6, 5, 4)).astype(np.float32),
+        "mask": (rng.random((6, 5)) > 0.8).astype(np.int64),
+        "class_mask": np.asfortranarray(rng.integers(0, 3, size=(6, 5)).astype(np.uint8)),
+        "wavelengths": np.arange(4, dtype=np.int64),
+    }
+    save = np.savez_compressed if compressed else np.savez
+    save(path, cube=arrays["cube"], mask=arrays["mask"], class_mask=arrays["class_mask"],
+         wavelengths=arrays["wavelengths"])
+    return arrays
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_members_equal_numpy_load(tmp_path: Path, compressed: bool) -> None:
+    path = tmp_path / "f.npz"
+    arrays = _write(path, compressed)
+    with np.load(path) as npz:
+        for key, want in arrays.items():
+            got = npz_member.read_member(path, npz, key)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    frame = read_npz(path)
+    np.testing.assert_array_equal(frame.cube, arrays["cube"])
+
+
+def _cube_data_offset(path: Path) -> int:
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("cube.npy")
+    raw = path.read_bytes()
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:
+                                                         info.header_offset + 28], "little")
+    return start + int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30],
+                                  "little") + 128
+
+
+def test_flipped_byte_is_caught_by_the_crc(tmp_path: Path) -> None:
+    path = tmp_path / "flip.npz"
+    _write(path)
+    raw = bytearray(path.read_bytes())
+    raw[_cube_data_offset(path) + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataValidationError, match=r"flip\.npz.*CRC.*Fix"):
+        read_npz(path)
+
+
+def test_crc_is_checked_once_per_file_version(tmp_path: Path) -> None:
+    path = tmp_path / "once.npz"
+    _write(path)
+    read_npz(path)
+    assert any(t[0] == str(path) for t in npz_member._VERIFIED)
+    read_npz(path)  # re-read: verified already, same result
+    raw = bytearray(path.read_bytes())
+    raw[_cube_data_offset(path) + 3] ^= 0x01
+    path.write_bytes(bytes(raw))  # a new version (size or mtime): checked again
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    with pytest.raises(DataValidationError, match="CRC"):
+        read_npz(path)
+
+
+def test_truncated_member_is_a_validation_error(tmp_path: Path) -> None:
+    path = tmp_path / "cut.npz"
+    _write(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: _cube_data_offset(path) + 20])
+    with pytest.raises(DataValidationError, match=r"cut\.npz.*Fix"):
+        read_npz(path)

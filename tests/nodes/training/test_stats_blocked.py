@@ -1,0 +1,131 @@
+"""Blocked, threaded Phase-1 sums on the CPU (nodes/training/stats_blocked.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from nodes import hardware
+from nodes.training import stats_blocked as sb
+from nodes.training.stats import MomentAccumulator, MomentState
+
+REPO = Path(__file__).resolve().parents[3]
+SCENES = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5", "beach-3", "urban-1",
+          "urban-2")
+
+
+def _scene_paths() -> list[Path]:
+    out = []
+    for name in SCENES:
+        for base in (REPO / "data" / "session", REPO / "data" / "extra",
+                     REPO.parent / "shared" / "data" / "abu"):
+            p = base / f"abu-{name}.mat"
+            if p.is_file():
+                out.append(p)
+                break
+    return out
+
+
+def _reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-pass float64 mean and centred Gram matrix of the whole data, straight NumPy."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=0)
+    d = x64 - mean
+    return mean, d.T @ d
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _check(state: MomentState, x: np.ndarray, tol: float = 1e-12) -> None:
+    mean, m2 = _reference(x)
+    assert state.count == x.shape[0]
+    assert _rel(state.mean.numpy(), mean) <= tol
+    assert _rel(state.m2.numpy(), m2) <= tol
+    np.testing.assert_array_equal(state.min.numpy(), x.min(axis=0).astype(np.float64))
+    np.testing.assert_array_equal(state.max.numpy(), x.max(axis=0).astype(np.float64))
+
+
+@pytest.mark.parametrize("path", _scene_paths(), ids=lambda p: p.stem)
+def test_abu_scene_matches_float64_reference(path: Path) -> None:
+    """Bundled and ABU scenes (raw counts, C = 188..207) as float32, streamed in batches."""
+    data = scipy.io.loadmat(path)["data"]
+    x = np.ascontiguousarray(data.reshape(-1, data.shape[-1]), dtype=np.float32)
+    acc = MomentAccumulator(x.shape[1])
+    for part in np.array_split(x, 3):  # several updates: shift, Chan merge
+        acc.update(torch.from_numpy(part))
+    _check(acc.state, x)
+
+
+def test_threads_and_block_sizes_agree_with_reference() -> None:
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(61, 61)).astype(np.float32)
+    x = (rng.normal(size=(70_001, 61)).astype(np.float32) @ mix + 500.0).astype(np.float32)
+    shift = torch.from_numpy(x[:100].astype(np.float64).mean(axis=0))
+    results = [
+        sb.blocked_sums(torch.from_numpy(x), shift, rows=rows, workers=workers)
+        for rows, workers in ((None, 1), (None, 2), (333, 3), (4096, 4))
+    ]
+    y = x.astype(np.float64) - shift.numpy()
+    # Column sums of the shifted data nearly cancel: their rounding is bounded by sum |y|.
+    scale = np.linalg.norm(np.abs(y).sum(axis=0))
+    for ysum, gram, lo, hi in results:
+        assert np.linalg.norm(ysum - y.sum(axis=0)) <= 1e-12 * scale
+        assert _rel(gram, y.T @ y) <= 1e-12
+        assert lo is not None and hi is not None
+        np.testing.assert_array_equal(lo, x.min(axis=0))
+        np.testing.assert_array_equal(hi, x.max(axis=0))
+    assert sb.blocked_sums(torch.from_numpy(x), shift, track_minmax=False)[2:] == (None, None)
+    head = x[:999]
+    ysum, gram, lo, hi = sb.blocked_sums(torch.from_numpy(head), shift, rows=1, workers=1)
+    assert _rel(gram, y[:999].T @ y[:999]) <= 1e-12
+    assert lo is not None
+    np.testing.assert_array_equal(lo, head.min(axis=0))
+
+
+def test_accumulator_matches_reference_on_large_batch_float64_input() -> None:
+    """A batch large enough for several worker stripes; float64 input takes the same path."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3 * sb.MIN_STRIPE_ROWS + 17, 9)) * 3.0 + 1e4
+    acc = MomentAccumulator(9)
+    acc.update(torch.from_numpy(x))
+    acc.update(torch.from_numpy(x[:1000] + 1.0))
+    _check(acc.state, np.concatenate([x, x[:1000] + 1.0]))
+
+
+def test_extremes_fold_handles_odd_blocks() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 9, 17, 1001):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        lo = np.full(5, np.inf, dtype=np.float32)
+        sb._fold_extreme(np.minimum, x, np.empty((n // 2 + 1, 5), np.float32), lo)
+        np.testing.assert_array_equal(lo, x.min(axis=0))
+
+
+def test_cache_size_from_sysfs(tmp_path: Path) -> None:
+    for i, (level, kind, size) in enumerate(
+        ((1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+         (3, "Unified", "32M"))):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert hardware.cache_size(2, root=tmp_path) == 2048 << 10
+    assert hardware.cache_size(1, root=tmp_path) == 48 << 10
+    assert hardware.cache_size(3, root=tmp_path) == 32 << 20
+    assert hardware.cache_size(2, root=tmp_path / "absent") > 0  # sysconf or the fallback
+
+
+def test_block_rows_follow_the_cache() -> None:
+    small, large = sb.block_rows(61, l2_bytes=256 << 10), sb.block_rows(61, l2_bytes=2 << 20)
+    assert small % 64 == 0 and large % 64 == 0
+    assert large > 4 * small
+    assert sb.block_rows(205, l2_bytes=1 << 20) < sb.block_rows(61, l2_bytes=1 << 20)
+    assert sb.block_rows(61, l2_bytes=1) == sb.MIN_BLOCK_ROWS
+    assert hardware.worker_count() >= 1
