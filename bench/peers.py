@@ -176,26 +176,34 @@ def set_threads(threads: int) -> dict[str, Any]:
     return info
 
 
-class CubelineWorker:
-    """cubeline's side: ``nodes`` from this repository, in the project's venv."""
+class PeerSide:
+    """What every worker of the protocol holds: the shared cubes and the batch size."""
 
     def __init__(self) -> None:
         self.data: Data | None = None
         self.batch_size = 4
 
+    def load(self, data_dir: str, threads: int, batch_size: int) -> tuple[dict[str, Any], Data]:
+        """Pin the threads and load the cubes: the thread settings (for the reply), the cubes."""
+        info = set_threads(threads)
+        self.data = Data(data_dir)
+        self.batch_size = batch_size
+        return info, self.data
+
+
+class CubelineWorker(PeerSide):
+    """cubeline's side: ``nodes`` from this repository, in the project's venv."""
+
     def setup(self, data_dir: str, threads: int, batch_size: int) -> dict[str, Any]:
         """Load the cubes, pin threads, build the Phase-1 chain and the scoring RX."""
         import torch
 
-        sys.path.insert(0, str(REPO))
         import nodes
         from nodes.training.stats import MomentState
 
-        info = set_threads(threads)
-        self.data = Data(data_dir)
-        self.batch_size = batch_size
-        self.cubes_t = torch.from_numpy(self.data.cubes)
-        self.masks_t = torch.from_numpy(self.data.masks)
+        info, data = self.load(data_dir, threads, batch_size)
+        self.cubes_t = torch.from_numpy(data.cubes)
+        self.masks_t = torch.from_numpy(data.masks)
         self.chain = self._chain()
         c = self.cubes_t.shape[-1]
         moments = MomentState.from_samples(self.cubes_t.reshape(-1, c))
@@ -329,23 +337,17 @@ class CubelineWorker:
         return {**t, **phases, "epochs": epochs, "val_metrics": keep}
 
 
-class SpectralWorker:
+class SpectralWorker(PeerSide):
     """Spectral Python's side: ``calc_stats`` + ``rx`` on numpy arrays (61 bands)."""
-
-    def __init__(self) -> None:
-        self.data: Data | None = None
-        self.batch_size = 4
 
     def setup(self, data_dir: str, threads: int, batch_size: int) -> dict[str, Any]:
         """Load the cubes and fit the scoring statistics (untimed)."""
         import spectral
 
-        info = set_threads(threads)
-        self.data = Data(data_dir)
-        self.batch_size = batch_size
-        n, h, w, c = self.data.cubes.shape
+        info, data = self.load(data_dir, threads, batch_size)
+        n, h, w, c = data.cubes.shape
         # All cubes as one tall image: a view, so calc_stats sees every pixel once.
-        self.tall = self.data.cubes.reshape(n * h, w, c)
+        self.tall = data.cubes.reshape(n * h, w, c)
         self.stats = spectral.calc_stats(self.tall)
         _ = self.stats.inv_cov
         info.update(version=spectral.__version__, numpy=np.__version__)
@@ -493,7 +495,6 @@ def machine_info() -> dict[str, Any]:
 
 def write_data(d: Path, n: int, size: int, channels: int, seed: int) -> dict[str, Any]:
     """Generate the seeded cubes once and write them where every worker reads them."""
-    sys.path.insert(0, str(BENCH))
     from synthetic import make_cubes
 
     cubes, masks = make_cubes(n, size=size, channels=channels, seed=seed)

@@ -32,12 +32,11 @@ from typing import Any
 
 import numpy as np
 from peers import (
-    Data,
+    PeerSide,
     batch_slices,
     measure,
     pick_metrics,
     serve,
-    set_threads,
     torch_gram,
 )
 
@@ -48,26 +47,20 @@ def _version(name: str) -> str:
     return version(name)
 
 
-class CuvisWorker:
+class CuvisWorker(PeerSide):
     """cuvis-ai's side of the protocol (see ``bench/peers.py``)."""
-
-    def __init__(self) -> None:
-        self.data: Data | None = None
-        self.batch_size = 4
 
     def setup(self, data_dir: str, threads: int, batch_size: int) -> dict[str, Any]:
         """Load the cubes, pin threads, build the Phase-1 chain and fit the scoring RX."""
         import torch
         from cuvis_ai.node.anomaly.rx_detector import RXGlobal
 
-        info = set_threads(threads)
-        self.data = Data(data_dir)
-        self.batch_size = batch_size
-        self.cubes_t = torch.from_numpy(self.data.cubes)
+        info, data = self.load(data_dir, threads, batch_size)
+        self.cubes_t = torch.from_numpy(data.cubes)
         # cuvis-ai's data node takes an int mask of class ids (0 = normal) and wavelengths
         # per frame (B, C).
-        self.masks_i = torch.from_numpy(self.data.masks.astype(np.int32))
-        self.wl = torch.from_numpy(self.data.wavelengths.astype(np.int32))
+        self.masks_i = torch.from_numpy(data.masks.astype(np.int32))
+        self.wl = torch.from_numpy(data.wavelengths.astype(np.int32))
         self.chain, self.names = self._chain()
         c = int(self.cubes_t.shape[-1])
         self.rx = RXGlobal(num_channels=c, eps=0.0, name="rx_score")

@@ -40,12 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from synthetic import add_cube_args
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from nodes import (  # noqa: E402
+from nodes import (
     AnomalyDataNode,
     MinMaxNormalizer,
     Pipeline,
@@ -53,7 +50,10 @@ from nodes import (  # noqa: E402
     SoftChannelSelector,
     StatisticalTrainer,
 )
-from nodes.training.stats import MomentState  # noqa: E402
+from nodes.training.stats import MomentState
+from tasks.env import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 SESSION = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
 
@@ -374,14 +374,7 @@ def vm_hwm() -> int:
 
 # -------------------------------------------------------------------------------- main
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     git: dict[str, Any] = {}
     try:
         git["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -455,11 +448,7 @@ def fmt_phase1(r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cubes", type=int, default=16)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--channels", type=int, default=61)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_cube_args(ap, cubes=16)
     ap.add_argument("--welford-pixels", type=int, default=20_000)
     ap.add_argument("--mem-n", type=int, default=4, help="N of the N vs 10 N memory runs")
     ap.add_argument("--mem-runs", type=int, default=3, help="children per size (median)")

@@ -22,33 +22,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+from phase1 import chain  # the same Phase-1 chain as the CPU benchmark
+from synthetic import TensorBatches, make_cubes_torch
 
-import torch  # noqa: E402
-from synthetic import TensorBatches, make_cubes_torch  # noqa: E402
-
-from nodes import (  # noqa: E402
-    AnomalyDataNode,
-    MinMaxNormalizer,
-    Pipeline,
-    RXGlobal,
-    SoftChannelSelector,
-    StatisticalTrainer,
-)
-from nodes.training.stats import MomentAccumulator, MomentState  # noqa: E402
-
-
-def chain(c: int, n_select: int = 10) -> Pipeline:
-    p = Pipeline("phase1")
-    d = AnomalyDataNode(name="data")
-    norm = MinMaxNormalizer(name="normalizer")
-    sel = SoftChannelSelector(n_select=n_select, input_channels=c, name="selector")
-    rx = RXGlobal(num_channels=n_select, name="rx")
-    p.connect((d.cube, norm.data), (norm.normalized, sel.data), (sel.selected, rx.data))
-    return p
+from nodes import RXGlobal, StatisticalTrainer
+from nodes.training.stats import MomentAccumulator, MomentState
 
 
 def sync() -> None:

@@ -63,20 +63,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from synthetic import add_cube_args
+
+from tasks.env import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -320,11 +317,7 @@ def report_line(kind: str, entry: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cubes", type=int, default=32)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--channels", type=int, default=61)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help="quiet rounds wanted per figure")
+    add_cube_args(ap, cubes=32, repeats_help="quiet rounds wanted per figure")
     ap.add_argument("--max-rounds", type=int, default=8, help="rounds at most per figure")
     ap.add_argument("--quiet", type=float, default=1.8,
                     help="2-process capacity (of 2.0) that makes a round quiet")

@@ -6,7 +6,8 @@ defaults -- Prefect's temporary API server (no server to start), MLflow's SQLite
 -- and a summary of what happened and where to look.
 
 Everything heavy (prefect, mlflow, dvc, torch, lightning) is imported inside the command that
-needs it, after telemetry is switched off: importing all of it up front costs ~15 s.
+needs it, after telemetry is switched off: importing all of it up front would
+dominate the start-up of every command.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _quiet_lightning(verbose: bool) -> None:
 def _start_temporary_server() -> threading.Thread:
     """Start Prefect's temporary API server now, in the background, when no server is set.
 
-    It takes 10-27 s to come up (STACK.md), all of it in a subprocess: started before the
+    It takes seconds to come up, all of it in a subprocess: started before the
     heavy imports, it boots on the other core while this process imports torch and Lightning,
     instead of after them. The flow's client then finds it running (Prefect keeps one instance
     per process). Failures are left to the flow, which retries and reports them.
@@ -461,8 +462,8 @@ def _exit_fast(rc: int) -> None:
 
     Everything that must happen at exit is an ``atexit`` handler (Prefect drains its event and
     log workers and stops its temporary server there; logging flushes). What is skipped is the
-    interpreter's own finalization -- garbage-collecting torch, MLflow and SQLAlchemy objects --
-    measured at 1.6-5 s here after the work is done.
+    interpreter's own finalization -- garbage-collecting torch, MLflow and SQLAlchemy objects,
+    which takes seconds after the work is done.
     """
     import atexit
 

@@ -26,6 +26,10 @@ pointed at the shared folder in the git-ignored ``.dvc/config.local``, the bundl
 there) and registers the work-pool deployments with ``cubeline stack deploy``. Every flow runs
 unchanged: ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI`` and ``CUBELINE_REGISTRY_LOCK_URI`` from
 ``stack.env`` are all they need.
+
+Why one module of over 900 lines: it is one state machine over one folder (bring up, join, deploy,
+take down, check nothing is left) whose steps share the credentials, ports and process groups
+recorded in ``stack.json``; split, every part would need that state passed around or re-read.
 """
 
 from __future__ import annotations

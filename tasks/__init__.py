@@ -2,7 +2,7 @@
 
 Importing the package turns telemetry off first, so every ``from tasks... import`` is safe even
 when it is the first import of a process (the settings are read when prefect/mlflow/dvc load).
-Submodules are imported lazily by their users: importing everything costs ~15 s.
+Submodules are imported lazily by their users: importing everything up front takes seconds.
 """
 
 from tasks.env import disable_telemetry

@@ -12,6 +12,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from tasks.watchdog import process_alive as process_alive  # re-exported: one liveness check
+
 #: Values are forced, not defaulted: a user's environment must not turn analytics back on.
 TELEMETRY_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "true",  # MLflow accepts only "true", not "1"
@@ -143,21 +145,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` runs on this host (another user's counts; a zombie not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 def cpu_model() -> str:

@@ -4,9 +4,10 @@ Prefect starts its temporary API server as a plain subprocess and stops it from 
 handler: a command ended by SIGKILL (or the OOM killer) never runs that handler, and the server
 stays behind, listening. A parent-death signal (``PR_SET_PDEATHSIG``) does not help here: it
 fires when the *thread* that started the child ends, and the server is started from a helper
-thread. So every such child gets a watchdog: a tiny interpreter (``python -I -S``, standard library
-only) that polls its own parent -- the cubeline process -- and, once that is gone, stops the
-child (SIGTERM, then SIGKILL) and exits. It exits by itself as soon as the child ends.
+thread. So every such child gets a watchdog (:mod:`tasks.watchdog`): a tiny interpreter
+(``python -I -S``, standard library only) that polls its own parent -- the cubeline process --
+and, once that is gone, stops the child (SIGTERM, then SIGKILL) and exits. It exits by itself as
+soon as the child ends.
 """
 
 from __future__ import annotations
@@ -18,36 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-#: The watchdog's program: ``argv = [parent pid, child pid]``.
-WATCHDOG_SOURCE = r"""
-import os, signal, sys, time
-parent, child = int(sys.argv[1]), int(sys.argv[2])
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-while alive(child) and os.getppid() == parent:
-    time.sleep(0.2)
-if alive(child):
-    try:
-        os.kill(child, signal.SIGTERM)
-        for _ in range(50):
-            time.sleep(0.1)
-            if not alive(child):
-                break
-        else:
-            os.kill(child, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-"""
+#: The watchdog program (standard library only, run by path).
+WATCHDOG = Path(__file__).with_name("watchdog.py")
 
 
 def guard_child(pid: int) -> subprocess.Popen[bytes] | None:
@@ -61,7 +34,7 @@ def guard_child(pid: int) -> subprocess.Popen[bytes] | None:
     """
     try:
         return subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE, str(os.getpid()), str(pid)],
+            [sys.executable, "-I", "-S", str(WATCHDOG), str(os.getpid()), str(pid)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

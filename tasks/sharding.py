@@ -280,8 +280,8 @@ class TaskRunnerMap:
     def _settings_scope(self) -> contextlib.AbstractContextManager[Any]:
         """The driver's settings with ``PREFECT_API_URL`` = the workers' API.
 
-        ``temporary_settings`` would rebuild the whole settings model on every call (about
-        0.1 s here); the copy is made once per settings object of the driver instead.
+        ``temporary_settings`` would rebuild the whole settings model on every call; the copy is
+        made once per settings object of the driver instead.
         """
         from prefect.context import SettingsContext
         from prefect.settings import PREFECT_API_URL

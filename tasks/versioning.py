@@ -16,7 +16,7 @@ states, so runs never leave changes in the git tree. :func:`restore_init_state` 
 out again by its hash, from the cache or, when the cache lacks it (fresh clone, other machine),
 from the remote (``dvc pull`` by object id).
 
-dvc is imported inside the functions: ``import dvc.repo`` costs ~0.4 s.
+dvc is imported inside the functions: ``import dvc.repo`` is slow, and most commands never need it.
 
 Why one module of over 400 lines: data versions and state versions share the DVC repo
 handle, its lock and the content-hash checks; the per-run data lookup is

@@ -9,6 +9,10 @@ batch needs them, so memory stays bounded for long sessions.
 Batches follow the cubeline batch contract: ``cube`` (B, H, W, C) float32, ``mask`` (B, H, W)
 bool (True = anomaly), ``class_mask`` (B, H, W) int64 when every frame has one, ``wavelengths``
 (B, C) float32 (band indices 0..C-1 where the file stores none) and ``frame_id`` (B,) int64.
+
+Why one module of over 400 lines: the file-backed and the in-memory data modules share their
+split checks, frame cache and batch contract, and Lightning expects each as one class; the
+readers, schemas, collation and read-ahead they use live in their own modules.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ Formats:
   ``scripts/build_session_npz.py`` writes the bundled session in this form.
 - ``.cu3s`` (Cubert session, many measurements): read through Cubert's ``cuvis`` SDK, imported
   only when such a file is read, since it needs Cubert's native library.
+
+Why one module of over 400 lines: the readers share one error vocabulary (file, field, fix), one
+:class:`Frame` type and one dispatch by suffix; the byte-level pieces that stand alone (reading an
+``.npz`` member in place, collation, read-ahead) already live in their own modules.
 """
 
 from __future__ import annotations

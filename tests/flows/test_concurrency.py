@@ -45,7 +45,13 @@ def test_two_concurrent_retrains_leave_one_champion(
     # Same data, params, Phase-1 state (content-addressed) and code: one model, registered once.
     # The second registration finds the first one's fingerprint under the registry lock.
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    assert versions == [1]
+    experiment = client.get_experiment_by_name("cubeline")
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`cubeline.flow` = 'retrain'"
+    )
+    lineage = [{k: v for k, v in r.data.tags.items() if k.startswith("cubeline.")} for r in runs]
+    assert versions == [1], f"two fingerprints; the runs' lineage tags: {lineage}"
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(str(s["unchanged_version"]) for s in summaries) == ["1", "None"]
     aliases = client.get_registered_model(name).aliases
@@ -53,11 +59,6 @@ def test_two_concurrent_retrains_leave_one_champion(
     assert [h.version for h in champion_history(name)] == ["1"]
     # Each run's initialization state is checked out under the hash its MLflow run records
     # (two fits of the same data at once: one content-addressed state).
-    experiment = client.get_experiment_by_name("cubeline")
-    assert experiment is not None
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`cubeline.flow` = 'retrain'"
-    )
     recorded = {r.data.tags["cubeline.init_state_hash"].removesuffix(".dir") for r in runs}
     states = {s.name for s in (repo_copy / "outputs" / "states").iterdir()}
     assert recorded == states and len(recorded) == 1
