@@ -23,21 +23,22 @@ from nodes.data import CubeDataModule  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_mlflow_uris() -> Iterator[None]:
-    """Keep one test's MLflow store from becoming the next test's default.
+def _no_leaked_environment() -> Iterator[None]:
+    """Give every test the environment the session started with.
 
-    ``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, which cubeline honours when
-    params.yaml leaves the URI unset (and subprocesses inherit).
+    Code under test exports variables that later commands read: ``mlflow.set_tracking_uri``
+    exports MLFLOW_TRACKING_URI (which cubeline honours when params.yaml leaves the URI unset),
+    and the CLI called in-process sets the console log levels of the command it ran. Left in
+    place, they would become the next test's defaults and reach its subprocesses.
     """
     import os
 
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CUBELINE_MLFLOW_TRACKING_URI")
-    saved = {k: os.environ.get(k) for k in keys}
+    saved = dict(os.environ)
     yield
+    for k in set(os.environ) - set(saved):
+        os.environ.pop(k, None)
     for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
+        if os.environ.get(k) != v:
             os.environ[k] = v
 
 
