@@ -20,7 +20,6 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
-from scipy.linalg.blas import get_blas_funcs
 from torch import Tensor
 
 from nodes.errors import CubelineError
@@ -193,7 +192,7 @@ class RXGlobal(Node):
 
 
 def _block_rows(c: int, itemsize: int) -> int:
-    """Rows per scoring block: the input block and the work buffer in half the L2 cache."""
+    """Rows per scoring block: two (rows, c) work buffers in half the L2 cache of this machine."""
     if _BLOCK_BYTES is not None:
         return max(1, _BLOCK_BYTES // max(1, c * itemsize))
     rows = cache_size(2) // 2 // (2 * c * itemsize)
@@ -205,12 +204,12 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
 
     The rows are split into a few stripes per worker thread (:func:`nodes.hardware.worker_count`),
     pulled from a queue; each stripe is walked in cache-sized blocks (:func:`_block_rows`, from
-    the L2 size read at run time): the shift (with the conversion, one op) into a work buffer,
-    one triangular product (``trmm``, half the flops of a GEMM) in place, one row-wise sum of
-    squares into the output, while the block is in cache. BLAS runs
+    the L2 size read at run time): the shift (with the conversion, one op) into one work
+    buffer, one GEMM into the other, one row-wise sum of squares into the output, while the
+    block is in cache. BLAS runs
     single-threaded inside the workers, so there is no parallel region (and no thread barrier
     that a busy machine could stall) per op. On one thread the work buffers are the process's
-    reused scratch (:func:`_work_buffer`); stripes on workers get their own cache-sized ones.
+    reused scratch (:func:`_work_buffers`); stripes on workers get their own cache-sized ones.
     """
     n, c = x.shape
     dtype = w.dtype
@@ -218,8 +217,7 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
     workers = max(1, min(worker_count(), n // max(1, 4 * rows)))
     out = np.empty(n, dtype=np.float32 if dtype == torch.float32 else np.float64)
     xn = x.detach().contiguous()
-    wf = np.asfortranarray(w.detach().numpy())
-    trmm = get_blas_funcs("trmm", dtype=wf.dtype)
+    wt = w.T.contiguous().numpy()
     mu = mu_hi.detach().to(dtype)
     bn = None if bias is None else bias.detach().numpy()
     step = max(1, (1 << 15) // c)
@@ -228,29 +226,29 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
     tasks = 1 if workers == 1 else min(blocks, 4 * workers)
     bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
 
-    def stripe(i: int, diff: Tensor) -> None:
-        dn = diff.numpy()
+    def stripe(i: int, diff: Tensor, z: Tensor) -> None:
+        dn, zn = diff.numpy(), z.numpy()
         for start in range(bounds[i], bounds[i + 1], rows):
             stop = min(bounds[i + 1], start + rows)
             k = stop - start
             for s0 in range(0, k, step):  # ops of <= torch's grain size: no OpenMP team
                 s1 = min(k, s0 + step)
                 torch.sub(xn[start + s0 : start + s1], mu, out=diff[s0:s1])
-            # z = W (x - mu): W is triangular (L^-1), so trmm does half a GEMM's flops, in place
-            # on the shifted block (its transpose is a column-major (c, k) array: no copy).
-            zc = trmm(1.0, wf, dn[:k].T, side=0, lower=1, overwrite_b=1).T
+            zc = zn[:k]
+            np.matmul(dn[:k], wt, out=zc)
             if bn is not None:
                 zc += bn
             np.einsum("ij,ij->i", zc, zc, out=cast(Any, out[start:stop]))
 
     if tasks == 1:
-        with _work_buffer(rows, c, dtype) as diff:
-            stripe(0, diff)
+        with _work_buffers(rows, c, dtype) as (diff, z):
+            stripe(0, diff, z)
     else:
         # Each stripe has its own cache-sized buffers (which thread runs it is not known ahead).
         with single_threaded_blas():
             list(pool(workers).map(
-                lambda i: stripe(i, torch.empty(rows, c, dtype=dtype)), range(tasks)))
+                lambda i: stripe(i, torch.empty(rows, c, dtype=dtype),
+                                 torch.empty(rows, c, dtype=dtype)), range(tasks)))
     return torch.from_numpy(out)
 
 
@@ -259,21 +257,24 @@ _SCRATCH: dict[str, Tensor] = {"bytes": torch.empty(0, dtype=torch.uint8)}
 
 
 @contextmanager
-def _work_buffer(rows: int, c: int, dtype: torch.dtype) -> Iterator[Tensor]:
-    """A (rows, c) work buffer of ``dtype``: the process's scratch, or fresh if it is in use.
+def _work_buffers(rows: int, c: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
+    """Two (rows, c) work buffers of ``dtype``: the process's scratch, or fresh if it is in use.
 
     The scratch is one byte buffer, grown to the largest request and kept, so that repeated
     scoring does not page-fault in new memory on every call. A caller on another thread while it
-    is in use gets a fresh buffer instead.
+    is in use gets fresh buffers instead.
     """
     size = rows * c * dtype.itemsize
+    half = -(-size // 64) * 64  # the second buffer starts 64-byte aligned
     if not _SCRATCH_LOCK.acquire(blocking=False):
-        yield torch.empty(rows, c, dtype=dtype)
+        yield torch.empty(rows, c, dtype=dtype), torch.empty(rows, c, dtype=dtype)
         return
     try:
-        if _SCRATCH["bytes"].numel() < size:
+        if _SCRATCH["bytes"].numel() < 2 * half:
             _SCRATCH["bytes"] = torch.empty(0, dtype=torch.uint8)  # free before allocating
-            _SCRATCH["bytes"] = torch.empty(size, dtype=torch.uint8)
-        yield _SCRATCH["bytes"][:size].view(dtype).view(rows, c)
+            _SCRATCH["bytes"] = torch.empty(2 * half, dtype=torch.uint8)
+        buf = _SCRATCH["bytes"]
+        yield (buf[:size].view(dtype).view(rows, c),
+               buf[half : half + size].view(dtype).view(rows, c))
     finally:
         _SCRATCH_LOCK.release()
