@@ -17,6 +17,7 @@ readers, schemas, collation and read-ahead they use live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
 from nodes.data.collate import collate_frames
+from nodes.data.npz_member import is_mapped
 from nodes.data.readahead import read_ahead
 from nodes.data.readers import Frame, count_frames, read_frame
 from nodes.data.schemas import validate_frames
@@ -335,7 +337,11 @@ class CubeDataModule(L.LightningDataModule):
             # Frames are pinned first come, first served: a fixed set avoids thrashing when the
             # shuffled epoch order would defeat an LRU policy anyway.
             if self._memory_frames is None and cached_bytes + frame.nbytes <= self.cache_bytes:
-                cache[fid] = frame
+                # Pinned frames own their memory (a mapped re-read would tie them to the file).
+                cache[fid] = (
+                    dataclasses.replace(frame, cube=np.array(frame.cube))
+                    if is_mapped(frame.cube) else frame
+                )
                 cached_bytes += frame.nbytes
         summaries = validate_frames(rows, expected_channels=self.expected_channels)
         self._check_consistent(summaries)

@@ -2,10 +2,18 @@
 
 Kept apart from :mod:`nodes.data.readers` (which is past 600 lines) since it is the one piece of
 the data path that touches the zip layout itself.
+
+The first read of each version of a file (its size and modification time) reads the member into
+memory and checks its CRC-32; a re-read of a verified version (a data module without a frame
+cache, every epoch) maps the member instead (a private, copy-on-write mapping of the page cache),
+so the batch that stacks it is the only copy of the frame's bytes. A file changed since it was
+verified is read and checked again, never mapped. Frames kept for long (a data module's cache) are
+copied out of the mapping (:func:`is_mapped`), so a file truncated in place later cannot fault.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 import zipfile
 import zlib
@@ -18,6 +26,8 @@ import numpy as np
 #: version, and re-reads of the same file (a data module without a frame cache) skip the CRC.
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
+#: Members at least this large are mapped on re-reads; smaller ones are simply read.
+MAP_MIN_BYTES = 1 << 20
 
 
 def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
@@ -50,14 +60,19 @@ def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
         if dtype.hasobject:
             return np.asarray(npz[key])  # NumPy refuses it (allow_pickle=False) with its message
         head_len = fh.tell() - start
-        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-        if out.nbytes + head_len > info.file_size:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes + head_len > info.file_size:
             raise EOFError(f"member {key}.npy is shorter than its header says")
+        with _VERIFIED_LOCK:
+            verified = tag in _VERIFIED
+        if verified and nbytes >= MAP_MIN_BYTES and not fortran:
+            mapped = _map(fh, st.st_size, fh.tell(), shape, dtype)
+            if mapped is not None:
+                return mapped
+        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
         raw = out.reshape(-1, order="A").view(np.uint8)
         if raw.size and fh.readinto(raw.data) != raw.size:
             raise EOFError(f"member {key}.npy is truncated")
-        with _VERIFIED_LOCK:
-            verified = tag in _VERIFIED
         if not verified:
             fh.seek(start)
             crc = zlib.crc32(raw.data, zlib.crc32(fh.read(head_len)))
@@ -66,3 +81,29 @@ def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
             with _VERIFIED_LOCK:
                 _VERIFIED.add(tag)
     return out
+
+
+def _map(fh: Any, size: int, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]
+         ) -> np.ndarray | None:
+    """A C-ordered array over bytes ``offset..`` of the open file, None if it changed size.
+
+    The mapping is private and copy-on-write (writes never reach the file); it lives as long as
+    the array does.
+    """
+    try:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(m) != size or offset + nbytes > len(m):
+        m.close()
+        return None
+    return np.ndarray(shape, dtype=dtype, buffer=m, offset=offset)
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` (or the array it views) lies in a file mapping made by :func:`read_member`."""
+    base: Any = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, mmap.mmap)

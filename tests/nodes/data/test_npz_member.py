@@ -83,3 +83,44 @@ def test_truncated_member_is_a_validation_error(tmp_path: Path) -> None:
     path.write_bytes(raw[: _cube_data_offset(path) + 20])
     with pytest.raises(DataValidationError, match=r"cut\.npz.*Fix"):
         read_npz(path)
+
+
+def test_a_verified_version_is_mapped_and_a_changed_one_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-reads map the member (one copy fewer); a changed file is read and checked, not mapped."""
+    monkeypatch.setattr(npz_member, "MAP_MIN_BYTES", 1)
+    path = tmp_path / "map.npz"
+    arrays = _write(path)
+    first = read_npz(path).cube
+    assert not npz_member.is_mapped(first)  # first read: into memory, CRC checked
+    again = read_npz(path).cube
+    assert npz_member.is_mapped(again)  # verified version: mapped
+    np.testing.assert_array_equal(again, arrays["cube"])
+    again[0, 0, 0] = 42.0  # private copy-on-write mapping: the file is never written
+    np.testing.assert_array_equal(read_npz(path).cube, arrays["cube"])
+    raw = bytearray(path.read_bytes())
+    raw[_cube_data_offset(path) + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    with pytest.raises(DataValidationError, match="CRC"):
+        read_npz(path)
+
+
+def test_cached_frames_own_their_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodes.data.datamodule import CubeDataModule
+
+    monkeypatch.setattr(npz_member, "MAP_MIN_BYTES", 1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"f{i}.npz")
+        _write(paths[-1])
+        read_npz(paths[-1])  # verified: the data module's reads map them
+    dm = CubeDataModule(paths, train_ids=[0], val_ids=[1], test_ids=[2], batch_size=1)
+    dm.setup()
+    assert all(not npz_member.is_mapped(dm.get_frame(i).cube) for i in range(3))
+    lean = CubeDataModule(paths, train_ids=[0], val_ids=[1], test_ids=[2], batch_size=1,
+                          cache_bytes=0)
+    lean.setup()
+    assert npz_member.is_mapped(lean.get_frame(0).cube)  # re-read on demand: mapped
