@@ -9,6 +9,7 @@ capture of these scenes exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,23 +54,58 @@ def cubeline(root: Path, env: dict[str, str], *args: str, timeout: float = 400) 
 
 
 @contextmanager
-def background(root: Path, env: dict[str, str], log: Path, *args: str) -> Iterator[Any]:
-    """``cubeline ARGS`` as a background process (its own session), stopped with SIGINT."""
+def background(
+    root: Path,
+    env: dict[str, str],
+    log: Path,
+    *args: str,
+    stop: signal.Signals = signal.SIGINT,
+    within_s: float = 20.0,
+) -> Iterator[Any]:
+    """``cubeline ARGS`` as a background process (its own session), stopped with ``stop``.
+
+    On a normal exit of the block, the command must end within ``within_s`` seconds of the
+    signal and leave nothing of its process group behind (flow-run subprocesses included);
+    otherwise it is killed and the block fails.
+    """
     out: IO[str] = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    failing = False
     try:
         yield proc
+    except BaseException:
+        failing = True
+        raise
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        problem = _stop_group(proc, stop, within_s)
         out.close()
+        if problem and not failing:
+            raise AssertionError(f"cubeline {' '.join(args)}: {problem} (log: {log})")
+
+
+def _stop_group(proc: subprocess.Popen[Any], stop: signal.Signals, within_s: float) -> str:
+    """Signal the process group of ``proc``; what went wrong ('' when it stopped cleanly)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, stop)
+    try:
+        proc.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return f"still running {within_s:g} s after {stop.name}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return ""
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return f"left processes of its group running after {stop.name}"
 
 
 def wait_for(what: str, fn: Callable[[], _T | None], timeout: float, every: float = 1.0) -> _T:

@@ -10,6 +10,7 @@ when it promotes, the served model answers with the new version within seconds.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ def test_drift_triggered_reinitialization_closes_the_loop(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (
-        background(root, env, tmp_path / "serve.log", "serve") as _,
+        # Both must end within seconds of SIGTERM, no process left behind (see background()).
+        background(root, env, tmp_path / "serve.log", "serve", stop=signal.SIGTERM) as _,
         background(root, env, tmp_path / "model.log", "serve-model", "--port", str(port),
-                   "--poll-s", "1") as _,
+                   "--poll-s", "1", stop=signal.SIGTERM) as _,
     ):
         deps = wait_for("the deployments", lambda: (
             d if {RETRAIN_DEPLOYMENT, WATCH_DEPLOYMENT} <= set(d := _deployments()) else None
