@@ -14,7 +14,7 @@ from tasks.params import load_params, resolve_path
 if TYPE_CHECKING:
 
     pass
-from tasks.steps.data import build_pipeline
+from tasks.steps.data import build_pipeline, phase1_trainer
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,6 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
 
     from nodes.accumulators import BinnedCurve
     from nodes.data.datamodule import CubeDataModule
-    from nodes.training.statistical_trainer import StatisticalTrainer
     from tasks.versioning import ensure_data
 
     params = load_params(params_path)
@@ -136,13 +135,7 @@ def phase1_report(params_path: str | Path) -> dict[str, Any]:
     setup_s = time.perf_counter() - start
     mode = params.pipeline.selector_mode
     pipeline = build_pipeline(params, dm.num_channels, "soft" if mode == "auto" else mode)
-    report = StatisticalTrainer(
-        pipeline,
-        dm,
-        normal_only=params.phase1.normal_only,
-        sample_fraction=params.phase1.sample_fraction,
-        seed=params.phase1.seed,
-    ).fit()
+    report = phase1_trainer(params, pipeline, dm).fit()
     split_of = {
         i: s
         for s, ids in (("test", d.test_ids), ("val", d.val_ids), ("train", d.train_ids))

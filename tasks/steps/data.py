@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from nodes.data.datamodule import CubeDataModule
     from nodes.graph.pipeline import Pipeline
+    from nodes.training.statistical_trainer import StatisticalTrainer
 from tasks.steps.base import DataRef, RunContext
 
 
@@ -116,6 +117,29 @@ def build_pipeline(
         threshold=pp.threshold,
         name=pp.name,
         selector_mode=mode,
+    )
+
+
+def phase1_trainer(
+    params: Params, pipeline: Pipeline, dm: Any, shard_runner: Any = None
+) -> StatisticalTrainer:
+    """The Phase-1 trainer of ``params.phase1`` over ``pipeline`` and the data module ``dm``.
+
+    Args:
+        params: The run's params.
+        pipeline: The pipeline to fit.
+        dm: Its data module.
+        shard_runner: Where the passes run (:mod:`tasks.sharding`); None: in this process.
+    """
+    from nodes.training.statistical_trainer import StatisticalTrainer
+
+    return StatisticalTrainer(
+        pipeline,
+        dm,
+        normal_only=params.phase1.normal_only,
+        sample_fraction=params.phase1.sample_fraction,
+        seed=params.phase1.seed,
+        shard_runner=shard_runner,
     )
 
 

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from nodes.data.datamodule import CubeDataModule
 from tasks.steps.base import STEP_VERSIONS, DataRef, InitStateRef, RunContext
 from tasks.steps.cache import cache_get, cache_put, step_key
-from tasks.steps.data import build_pipeline, restore_state, run_datamodule, state_store_dir
+from tasks.steps.data import (
+    build_pipeline,
+    phase1_trainer,
+    restore_state,
+    run_datamodule,
+    state_store_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,6 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
     from types import SimpleNamespace
 
     from nodes.training.init_state import save_init_state
-    from nodes.training.statistical_trainer import StatisticalTrainer
     from tasks.sharding import shard_runner_scope
     from tasks.versioning import STATE_FILE, version_init_state
 
@@ -69,14 +74,7 @@ def fit_statistics(ctx: RunContext, data: DataRef, use_cache: bool = True) -> In
         # runner: inprocess gives None (the trainer's own loop); dask shards every pass over
         # Prefect's DaskTaskRunner and merges the moment states exactly.
         with shard_runner_scope(p.phase1.sharding, dm) as shard_runner:
-            trainer = StatisticalTrainer(
-                pipeline,
-                dm,
-                normal_only=p.phase1.normal_only,
-                sample_fraction=p.phase1.sample_fraction,
-                seed=p.phase1.seed,
-                shard_runner=shard_runner,
-            )
+            trainer = phase1_trainer(p, pipeline, dm, shard_runner)
             report = trainer.fit()
         scores = {k: float(v) for k, v in trainer.validate().items()}
         fits.append((mode, pipeline, trainer, report, scores))
