@@ -59,13 +59,15 @@ SESSION = ("airport-1", "airport-2", "airport-3", "urban-4", "urban-5")
 
 
 # ------------------------------------------------------------------------------------ data
-def make_cube(seed: int, size: int, channels: int, rank: int = 8,
-              scene_seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+def make_cube(seed: int, size: int, channels: int, rank: int = 8, scene_seed: int = 1234,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One seeded (size, size, C) float32 cube with correlated bands and planted targets.
 
     Background: ``rank`` smooth spectra (shared by every cube of ``scene_seed``) mixed with
     uniform abundances, plus noise, so adjacent bands are strongly correlated. Targets: a few
-    squares of a foreign spectrum; the mask marks them.
+    squares of a foreign spectrum; the mask marks them. Built in place (in ``out`` where given,
+    e.g. a slice of a batch), so the generator itself allocates one cube-sized buffer at most and
+    the benchmark's peak memory is the fit's, not the generator's temporaries.
     """
     scene = torch.Generator().manual_seed(scene_seed)
     t = torch.linspace(0.0, 1.0, channels)
@@ -75,14 +77,16 @@ def make_cube(seed: int, size: int, channels: int, rank: int = 8,
     target = 0.3 * torch.sin(9.0 * t) + 0.2
     g = torch.Generator().manual_seed(seed)
     abund = torch.rand(size * size, rank, generator=g) * 2.0
-    cube = abund @ endmembers + 0.02 * torch.randn(size * size, channels, generator=g) + 1.0
-    cube = cube.reshape(size, size, channels)
+    cube = torch.empty(size, size, channels) if out is None else out
+    flat = cube.view(size * size, channels)
+    torch.randn(size * size, channels, generator=g, out=flat)
+    flat.mul_(0.02).addmm_(abund, endmembers).add_(1.0)
     mask = torch.zeros(size, size, dtype=torch.bool)
     for _ in range(4):
         r, c = (int(v) for v in torch.randint(0, size - 4, (2,), generator=g))
         cube[r : r + 4, c : c + 4] += target
         mask[r : r + 4, c : c + 4] = True
-    return cube.float().contiguous(), mask
+    return cube, mask
 
 
 class InMemoryBatches:
@@ -118,11 +122,13 @@ class GeneratedBatches:
 
     def train_dataloader(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(0, self.n, self.batch_size):
-            pairs = [make_cube(s, self.size, self.channels)
-                     for s in range(i, min(i + self.batch_size, self.n))]
+            seeds = range(i, min(i + self.batch_size, self.n))
+            cube = torch.empty(len(seeds), self.size, self.size, self.channels)
+            masks = [make_cube(s, self.size, self.channels, out=cube[k])[1]
+                     for k, s in enumerate(seeds)]
             self.yielded += 1
-            yield {"cube": torch.stack([p[0] for p in pairs]),
-                   "mask": torch.stack([p[1] for p in pairs])}
+            yield {"cube": cube, "mask": torch.stack(masks)}
+            del cube, masks  # one batch alive at a time
 
 
 def chain(channels: int, n_select: int = 10) -> Pipeline:
@@ -311,10 +317,13 @@ def rx_throughput(channels: int, pixels: int, repeats: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ memory
 def child_peak_rss(mode: str, n: int, size: int, channels: int, batch_size: int,
-                   workdir: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+                   workdir: str, env: dict[str, str] | None = None,
+                   cubeline_allocator: bool = False) -> dict[str, Any]:
     """Run Phase 1 in a fresh interpreter; returns its peak RSS (bytes) and fit report."""
     cmd = [sys.executable, __file__, "--child", mode, "--child-n", str(n), "--size", str(size),
            "--channels", str(channels), "--batch-size", str(batch_size), "--workdir", workdir]
+    if cubeline_allocator:
+        cmd.append("--child-cubeline-allocator")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          env={**os.environ, **(env or {})})
     if res.returncode != 0:
@@ -338,6 +347,10 @@ def write_npz(n: int, size: int, channels: int, directory: Path) -> list[Path]:
 def child_main(args: argparse.Namespace) -> None:
     """Phase 1 on ``--child-n`` cubes that are never all in memory; print peak RSS as JSON."""
     n = args.child_n
+    if args.child_cubeline_allocator:
+        from tasks.env import tune_allocator
+
+        tune_allocator()
     if args.child == "generated":
         dm: Any = GeneratedBatches(n, args.size, args.channels, args.batch_size)
     else:
@@ -457,6 +470,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     ap.add_argument("--child", choices=["generated", "npz"], help=argparse.SUPPRESS)
     ap.add_argument("--child-n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child-cubeline-allocator", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -477,17 +491,24 @@ def main() -> None:
         # glibc raises its mmap threshold after the first large free, so later 16 MB cube
         # buffers come from the heap and fragmentation makes the peak vary from run to run
         # (tens of MB, whatever N). Each size runs --mem-runs times and the medians are
-        # compared; the last row pins the threshold (M_MMAP_THRESHOLD) to show the flat core.
-        runs: list[tuple[str, str, dict[str, str] | None]] = [("generated", "generated", None)]
+        # compared. Rows: the library in a process with glibc's defaults; the same with the
+        # allocator setting the `cubeline` command applies to itself (tasks.env.tune_allocator);
+        # and the threshold pinned low (MALLOC_MMAP_THRESHOLD_) to show the flat core.
+        runs: list[tuple[str, str, dict[str, str] | None, bool]] = [
+            ("generated", "generated", None, False)]
         if not args.skip_npz:
-            runs.append(("npz", "npz", None))
+            runs.append(("npz", "npz", None, False))
+        runs.append(("generated, cubeline's allocator setting", "generated", None, True))
+        if not args.skip_npz:
+            runs.append(("npz, cubeline's allocator setting", "npz", None, True))
         runs.append(("generated, MALLOC_MMAP_THRESHOLD_=1MiB", "generated",
-                     {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}))
+                     {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, False))
         with tempfile.TemporaryDirectory(prefix="cubeline-bench-") as tmp:
-            for label, mode, env in runs:
+            for label, mode, env, tuned in runs:
                 sizes = {}
                 for n in (args.mem_n, 10 * args.mem_n):
-                    reps = [child_peak_rss(mode, n, args.size, args.channels, 2, tmp, env)
+                    reps = [child_peak_rss(mode, n, args.size, args.channels, 2, tmp, env,
+                                           cubeline_allocator=tuned)
                             for _ in range(args.mem_runs)]
                     peaks = sorted(r["peak_rss_bytes"] for r in reps)
                     sizes[n] = {"runs": reps, "peaks": peaks,

@@ -250,6 +250,10 @@ def accumulate_pass(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]], ro
                     accs[root] = MomentAccumulator(x.shape[1], device=x.device,
                                                    chunk=options.chunk_pixels)
                 accs[root].update(x)
+                del x
+            # drop this batch and its outputs before the loader builds the next one, so at
+            # most one batch is alive at a time (peak memory flat in the number of batches)
+            del batch, out, keep
     return {
         root: accs[root].finalize() if root in accs
         # no batch here (e.g. a DDP rank or shard with no frames): the empty state merges away
@@ -362,10 +366,18 @@ class StatisticalTrainer:
         loader: Iterable[Mapping[str, Any]] = getattr(dm, f"{split}_dataloader")()
         rank, world = _rank_world() if shard else (0, 1)
         count = 0
-        for i, batch in enumerate(loader):
+        # No enumerate(): it keeps its last (index, batch) tuple while fetching the next one,
+        # and no reference is held while the consumer works or the loader builds the next
+        # batch, so one batch is alive at a time (peak memory flat in the number of batches).
+        for batch in loader:
             count += 1
-            if i % world == rank:  # DDP: each rank folds in every world-th batch
-                yield _to_device(batch, self.device)
+            if (count - 1) % world == rank:  # DDP: each rank folds in every world-th batch
+                moved = _to_device(batch, self.device)
+                del batch
+                yield moved
+                del moved
+            else:
+                del batch
         if count == 0:
             raise DataValidationError(
                 f"the {split} split of the datamodule is empty; give it at least one frame id"
@@ -527,7 +539,10 @@ class StatisticalTrainer:
             with torch.no_grad():
                 for batch in self._batches("train"):
                     out = p.forward(batch, stage="train", outputs=wanted)
-                    yield out, _pixel_selection(batch, out, mask_key, self.options, gen)
+                    pair = (out, _pixel_selection(batch, out, mask_key, self.options, gen))
+                    del batch, out  # one batch alive at a time, as in the moments pass
+                    yield pair
+                    del pair
 
         for out, keep in selected_passes():
             for n, (_, skey) in keys.items():
@@ -535,6 +550,7 @@ class StatisticalTrainer:
                 sc = sc if keep is None else sc[keep]
                 logs = torch.log10(sc.clamp_min(10.0 ** lo)).cpu()
                 hists[n] += torch.histc(logs, bins=bins, min=lo, max=hi)
+            del out, keep, sc, logs
         thresholds: dict[str, float] = {}
         for n, h in hists.items():
             cum = torch.cumsum(h, 0)
@@ -551,6 +567,7 @@ class StatisticalTrainer:
                     accs[n] = MomentAccumulator(x.shape[1], device=x.device,
                                                 chunk=self.chunk_pixels)
                 accs[n].update(x)
+            del out, keep, x, sc
         trimmed: dict[str, MomentState] = {}
         with torch.no_grad():
             for n, rx in nodes.items():

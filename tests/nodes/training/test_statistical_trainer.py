@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -292,6 +293,29 @@ def test_empty_training_split_is_an_error() -> None:
 
     with pytest.raises(DataValidationError, match=r"train split .* is empty"):
         StatisticalTrainer(pipeline=_rx_only(), datamodule=_Empty()).fit()
+
+
+def test_one_batch_alive_at_a_time_during_a_pass() -> None:
+    """While the loader builds batch k + 1, nothing of Phase 1 holds batch k any more."""
+    alive_when_next_built: list[bool] = []
+
+    class _Watched:
+        def setup(self, stage: str) -> None:
+            pass
+
+        def train_dataloader(self) -> Iterator[dict[str, torch.Tensor]]:
+            previous: weakref.ref[torch.Tensor] | None = None
+            for seed in range(4):
+                if previous is not None:
+                    alive_when_next_built.append(previous() is not None)
+                g = torch.Generator().manual_seed(seed)
+                cube = torch.rand(2, 8, 8, 12, generator=g)
+                previous = weakref.ref(cube)
+                yield {"cube": cube, "mask": torch.zeros(2, 8, 8, dtype=torch.bool)}
+                del cube
+
+    StatisticalTrainer(pipeline=_rx_only(), datamodule=_Watched()).fit()
+    assert alive_when_next_built == [False, False, False]
 
 
 def test_too_few_pixels_is_an_error(make_dm: Callable[..., Any]) -> None:
