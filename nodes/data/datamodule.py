@@ -328,7 +328,12 @@ class CubeDataModule(L.LightningDataModule):
         cached_bytes = 0
         labels: dict[int, np.ndarray] = {}
         rows = []
-        for fid, frame in zip(wanted, self._read_many(wanted), strict=True):
+        frames = self._read_many(wanted)
+        for fid in wanted:
+            # next() rather than zip(): zip keeps its last (id, frame) tuple while the next
+            # frame is read, and the loop drops its frame below, so the frames alive are the
+            # reader's few in flight whatever the number of frames
+            frame = next(frames)
             if coco is not None:
                 h, w = frame.cube.shape[:2]
                 labels[fid] = coco.class_mask(fid, h, w)
@@ -343,6 +348,7 @@ class CubeDataModule(L.LightningDataModule):
                     if is_mapped(frame.cube) else frame
                 )
                 cached_bytes += frame.nbytes
+            del frame
         summaries = validate_frames(rows, expected_channels=self.expected_channels)
         self._check_consistent(summaries)
         unlabelled = summaries.loc[~summaries["labelled"], "frame_id"].tolist()
