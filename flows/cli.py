@@ -110,13 +110,19 @@ def _run_flow(args: argparse.Namespace, which: str) -> int:
     from tasks.lifecycle import check_data_links, probe_prefect_api
     from tasks.params import load_params
 
-    # A params.yaml mistake, a dangling link or a dead API fail now, not after server start-up.
-    check_data_links(load_params(_params_path(args)), _params_path(args))
+    # A params.yaml mistake, a dangling link, a broken .dvc file or a dead API fail now, not
+    # after server start-up.
+    loaded = load_params(_params_path(args))
+    check_data_links(loaded, _params_path(args))
     probe_prefect_api()
     if args.data_version:
         from tasks.versioning import check_tree_hash
 
         check_tree_hash(args.data_version, "a data-version hash", "`cubeline ingest` output")
+    else:
+        from tasks.versioning import read_dvc_file
+
+        read_dvc_file(_params_path(args).parent, loaded.data.dvc_file)
     os.environ[RESUME_ENV] = "1" if args.resume else "0"
     server = _start_temporary_server()
     _quiet_lightning(args.verbose)

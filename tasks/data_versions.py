@@ -268,7 +268,8 @@ def read_manifest(path: Path, version: str) -> DataVersionInfo:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataValidationError(
             f"{file}: not a cubeline data-version manifest ({type(exc).__name__}: {exc}); "
-            "restore the version again with `cubeline data restore <hash>`"
+            f"remove {path} and run again with `--data-version {version}`, which restores it "
+            "from the DVC cache or remote"
         ) from None
     outside = [f for f in files if not Path(f).resolve().is_relative_to(path.resolve())]
     if outside:

@@ -272,6 +272,13 @@ def load_params(path: str | Path) -> Params:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 YAML"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}; check the path and its "
+                          "permissions") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{p} must be a mapping of sections (data, pipeline, phase1, ...)")
     if "data" not in doc:

@@ -103,6 +103,11 @@ def read_dvc_file(root: Path, dvc_file: str = "data.dvc") -> tuple[str, str]:
             f"{path} does not exist; params.yaml data.dvc_file must name the .dvc file that "
             "tracks the data (create it with `dvc add data`)"
         ) from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(
+            f"{path} is not a readable .dvc file ({type(exc).__name__}: {exc}); restore it with "
+            f"`git checkout -- {dvc_file}`"
+        ) from None
     outs = doc.get("outs") if isinstance(doc, dict) else None
     if not outs or not isinstance(outs, list) or len(outs) != 1 or "md5" not in outs[0]:
         raise ConfigError(

@@ -504,9 +504,16 @@ class Pipeline(nn.Module):
         if not cfg_path.is_file():
             raise ConfigError(f"pipeline file {cfg_path} does not exist")
         try:
-            cfg = yaml.safe_load(cfg_path.read_text())
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{cfg_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the "
+                "pipeline as UTF-8 YAML"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{cfg_path}: cannot read it ({exc.strerror or exc})") from None
         try:
             pipe = cls.from_config(cfg, source=str(cfg_path))
         except CubelineError:

@@ -226,6 +226,11 @@ class ConfigModel(BaseModel):
             ) from None
         except OSError as exc:
             raise ConfigError(f"Cannot read config file {p}: {exc}.") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"Config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                "it as UTF-8 YAML."
+            ) from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:

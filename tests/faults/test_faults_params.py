@@ -81,15 +81,32 @@ def test_bad_params_fail_before_anything_starts(
         "",  # empty
         "data: !!python/object/apply:os.system ['touch PWNED']\n",  # a tag that runs code
         "\x00\x01binary",
+        b"data:\n  paths: [caf\xe9.npz]\n",  # Latin-1, not UTF-8
+        "data: {}\n".encode("utf-16"),  # UTF-16 with its BOM
+        b"\xff\xfe\x00\x01\x89PNG",  # binary that is no text at all
     ],
-    ids=["unclosed", "tab", "list", "empty", "python_tag", "binary"],
+    ids=["unclosed", "tab", "list", "empty", "python_tag", "binary", "latin1", "utf16",
+         "not_text"],
 )
-def test_malformed_params_yaml(repo: Path, cli: Callable[..., tuple[int, str]], text: str
-                               ) -> None:
-    (repo / "params.yaml").write_text(text)
+def test_malformed_params_yaml(repo: Path, cli: Callable[..., tuple[int, str]],
+                               text: str | bytes) -> None:
+    target = repo / "params.yaml"
+    if isinstance(text, bytes):
+        target.write_bytes(text)
+    else:
+        target.write_text(text)
     rc, err = cli(repo, "run")
     assert_clean_failure(rc, err, "run", 2, "params.yaml")
     assert not (repo / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"outs: [\n", b"outs: 3\n"],
+                         ids=["not_text", "bad_yaml", "no_outs"])
+def test_malformed_data_dvc(repo: Path, cli: Callable[..., tuple[int, str]], content: bytes
+                            ) -> None:
+    (repo / "data.dvc").write_bytes(content)
+    rc, err = cli(repo, "run")
+    assert_clean_failure(rc, err, "run", 2, "data.dvc")
 
 
 def test_missing_params_file(repo: Path, cli: Callable[..., tuple[int, str]]) -> None:
