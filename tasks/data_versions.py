@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nodes.errors import ConfigError, DataValidationError
+from nodes.errors import ConfigError, CubelineError, DataValidationError
 from tasks.versioning import check_tree_hash, restore_tree, store_tree
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,10 @@ def ingest_frames(
             expected_channels=expected_channels,
             normal_class_ids=list(normal_class_ids),
         )
-        dm.setup("fit")
+        try:
+            dm.setup("fit")
+        except CubelineError as exc:
+            raise _named_by_source(exc, staged, paths, label_path, labels) from None
         _require_anomalies(dm, split, frame_names, paths)
         channels = int(dm.describe()["shape"][2])
         manifest = {
@@ -227,6 +230,22 @@ def ingest_frames(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return read_manifest(target, version)
+
+
+def _named_by_source(exc: CubelineError, staged: Sequence[Path], sources: Sequence[Path],
+                     label_path: Path | None, labels: str | Path | None) -> CubelineError:
+    """``exc`` with the staged copies' paths replaced by the files the user gave.
+
+    Frames are validated as staged (so what is checked is exactly what is stored), but the user
+    fixes the file they passed, so that is the one the error names.
+    """
+    text = str(exc)
+    pairs = list(zip(staged, sources, strict=True))
+    if label_path is not None and labels is not None:
+        pairs.append((label_path, Path(labels).resolve()))
+    for copy, source in sorted(pairs, key=lambda pair: -len(str(pair[0]))):
+        text = text.replace(str(copy), str(source))
+    return type(exc)(text)
 
 
 def _require_anomalies(

@@ -71,6 +71,7 @@ def test_bad_frame_files(repo: Path, cli: Callable[..., tuple[int, str]], tmp_pa
     other = _frame(tmp_path / "other.npz")
     rc, err = cli(repo, "ingest", str(good), str(bad), str(other))
     assert_clean_failure(rc, err, "ingest", 3, bad.name)
+    assert ".ingest-" not in err, "the error must name the user's file, not the staged copy"
     assert tree(repo) == before
 
 
@@ -122,6 +123,7 @@ def test_bad_coco_annotations(repo: Path, cli: Callable[..., tuple[int, str]], t
     before = tree(repo)
     rc, err = cli(repo, "ingest", *frames, "--labels", str(labels))
     assert_clean_failure(rc, err, "ingest", 3, "labels.json")
+    assert ".ingest-" not in err, "the error must name the user's file, not the staged copy"
     assert tree(repo) == before
 
 
