@@ -6,13 +6,19 @@ returns the float64 column sums and Gram matrix of ``y = x - s`` and the per-cha
 thread; a worker walks each stripe it takes in blocks of :func:`block_rows` pixels, sized from
 the L2 cache the machine reports, and per block
 
-1. converts and shifts the block into a reused float64 buffer (torch's vectorized
-   ``float32 - float64``, in calls of at most its intra-op grain size so no OpenMP team starts
-   inside a worker; the batch is never materialized in float64),
-2. adds the block's Gram matrix with one symmetric rank-k update (NumPy dispatches ``b.T @ b``
-   on one buffer to BLAS ``?syrk``) and its column sums with one ``?gemv``,
-3. folds the block's min/max into the stripe's running min/max by halving the float32 block
-   (long vector loops) while it is in cache.
+1. converts and shifts the block into the thread's reused float64 buffer with one NumPy
+   ``float32 - float64`` call (the batch is never materialized in float64),
+2. folds the block's min/max into the stripe's running min/max (:class:`_Extremes`: the block
+   viewed as rows of ``64 x C`` values, so each call is a long vector loop) while the block
+   is still in cache from step 1,
+3. adds the block's Gram matrix with one symmetric rank-k update (NumPy dispatches ``b.T @ b``
+   on one buffer to BLAS ``?syrk``) and its column sums with one ``?gemv``.
+
+The loop makes a handful of NumPy calls per block, each a long GIL-free kernel, and no torch
+calls: torch ops started from several Python threads each bring up an OpenMP team whose idle
+threads spin on the same cores, which measured twice as slow on a 2-vCPU Xeon, and many short
+calls per block (the min/max fold by repeated halving that this replaced) keep the threads
+queueing for the GIL.
 
 Every stripe has its own accumulators; since all use the same shift, the stripes' sums add up
 exactly as the blocks of one worker do, and the caller merges the batch into its state with the
@@ -22,6 +28,8 @@ Cache size and worker count come from :mod:`nodes.hardware`.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -57,59 +65,88 @@ def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None)
 
 Sums = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
-#: Elements per conversion call: torch runs an elementwise op of at most this many elements
-#: (its intra-op grain size) on the calling thread, so worker threads never fork OpenMP teams.
-_CONVERT_ELEMENTS = 1 << 15
+#: Rows folded side by side into the running min/max: ``lanes x C`` values per elementwise
+#: call, so each call is one long vector loop instead of ``C``-wide rows.
+MINMAX_LANES = 64
+#: Input dtypes the block loop reads through NumPy; others are converted to float32 first.
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _fold_extreme(op: np.ufunc, block: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
-    """``out = op(out, op.reduce(block, axis=0))`` by halving the block in ``scratch``.
+class _Extremes:
+    """Running per-channel min and max of float rows, folded a block at a time.
 
-    Each halving is one elementwise call over a contiguous half of the block (long vector
-    loops), where a reduction over axis 0 would make one short call per row.
+    A block of ``k`` rows is viewed as ``k // lanes`` rows of ``lanes * C`` values and reduced
+    over its first axis into a ``lanes * C`` running row: two long NumPy calls per block and per
+    extreme, whatever ``k``, so worker threads spend little time holding the GIL. The ``k % lanes``
+    rows left over go to a per-channel row; :meth:`result` folds the lanes into it.
     """
-    k = block.shape[0]
-    src = block
-    while k > 8:
-        h = k // 2
-        op(src[:h], src[h : 2 * h], out=scratch[:h])
-        if k & 1:
-            op(scratch[0], src[2 * h], out=scratch[0])
-        src, k = scratch, h
-    op(out, op.reduce(src[:k], axis=0), out=out)
+
+    def __init__(self, channels: int, dtype: np.dtype, lanes: int = MINMAX_LANES) -> None:
+        self.c = channels
+        self.lanes = lanes
+        self.lo = np.full(lanes * channels, np.inf, dtype=dtype)
+        self.hi = np.full(lanes * channels, -np.inf, dtype=dtype)
+        self.lo_rest = np.full(channels, np.inf, dtype=dtype)
+        self.hi_rest = np.full(channels, -np.inf, dtype=dtype)
+        self._tmp = np.empty(lanes * channels, dtype=dtype)
+
+    def fold(self, block: np.ndarray) -> None:
+        """Fold the rows of ``block`` (k, C), C-contiguous."""
+        k = block.shape[0]
+        whole = k - k % self.lanes
+        if whole:
+            v = block[:whole].reshape(-1, self.lanes * self.c)
+            np.minimum.reduce(v, axis=0, out=self._tmp)
+            np.minimum(self.lo, self._tmp, out=self.lo)
+            np.maximum.reduce(v, axis=0, out=self._tmp)
+            np.maximum(self.hi, self._tmp, out=self.hi)
+        if whole < k:
+            rest = block[whole:]
+            np.minimum(self.lo_rest, rest.min(axis=0), out=self.lo_rest)
+            np.maximum(self.hi_rest, rest.max(axis=0), out=self.hi_rest)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(min, max)`` as float64."""
+        lo = np.minimum(self.lo.reshape(self.lanes, self.c).min(axis=0), self.lo_rest)
+        hi = np.maximum(self.hi.reshape(self.lanes, self.c).max(axis=0), self.hi_rest)
+        return lo.astype(np.float64), hi.astype(np.float64)
 
 
-def _stripe_sums(x: torch.Tensor, shift: torch.Tensor, rows: int, minmax: bool) -> Sums:
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's float64 block buffer (rows, c) and a ones vector (rows,), reused.
+
+    Kept per thread so a stripe neither allocates nor page-faults a fresh block buffer.
+    """
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].shape[0] < rows or bufs[0].shape[1] != c:
+        bufs = (np.empty((rows, c)), np.ones(rows))
+        _SCRATCH.bufs = bufs
+    return bufs[0][:rows], bufs[1][:rows]
+
+
+def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> Sums:
     """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
     n, c = x.shape
-    rows = max(1, min(rows, n))
-    buf = torch.empty(rows, c, dtype=torch.float64)
-    b_all = buf.numpy()
-    ones = np.ones(rows)
+    b_all, ones = _scratch(rows, c)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
-    step = max(1, _CONVERT_ELEMENTS // c)
-    xn = x.numpy() if minmax else None
-    lo = hi = scratch = None
-    if xn is not None:
-        lo = np.full(c, np.inf, dtype=xn.dtype)
-        hi = np.full(c, -np.inf, dtype=xn.dtype)
-        scratch = np.empty((rows // 2 + 1, c), dtype=xn.dtype)
+    ext = _Extremes(c, x.dtype) if minmax else None
     for start in range(0, n, rows):
-        k = min(rows, n - start)
-        for s in range(0, k, step):  # convert + shift: one vectorized pass in cache
-            e = min(k, s + step)
-            torch.sub(x[start + s : start + e], shift, out=buf[s:e])
+        xb = x[start : start + rows]
+        k = xb.shape[0]
         b = b_all[:k]
+        np.subtract(xb, shift, out=b)  # convert + shift: one vectorized pass, in cache
+        if ext is not None:
+            ext.fold(xb)
         gram += b.T @ b  # NumPy calls BLAS ?syrk for a.T @ a on one buffer
         ysum += ones[:k] @ b
-        if xn is not None and lo is not None and hi is not None and scratch is not None:
-            xb = xn[start : start + k]
-            _fold_extreme(np.minimum, xb, scratch, lo)
-            _fold_extreme(np.maximum, xb, scratch, hi)
-    return (ysum, gram,
-            None if lo is None else lo.astype(np.float64),
-            None if hi is None else hi.astype(np.float64))
+    if ext is None:
+        return ysum, gram, None, None
+    lo, hi = ext.result()
+    return ysum, gram, lo, hi
 
 
 def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = True,
@@ -129,12 +166,16 @@ def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = T
         ``(ysum (C,), gram (C, C), lo (C,) or None, hi (C,) or None)``, all float64.
     """
     n, c = x.shape
-    x = x.detach().contiguous()
-    shift = shift.detach().to(torch.float64).contiguous()
+    x = x.detach()
+    if x.dtype not in _NUMPY_DTYPES:  # bfloat16 and the like: NumPy has no such dtype
+        x = x.float()
     rows = rows or block_rows(c, x.element_size())
+    xn = x.contiguous().numpy()
+    rows = max(1, min(rows, n))
+    s = shift.detach().to(torch.float64).contiguous().numpy()
     w = max(1, min(workers or worker_count(), n // MIN_STRIPE_ROWS))
     if w == 1:
-        return _stripe_sums(x, shift, rows, track_minmax)
+        return _stripe_sums(xn, s, rows, track_minmax)
     # Stripes on block boundaries, so the blocks are the same whatever the worker count; a few
     # stripes per worker, pulled from the pool's queue, so that a worker whose core is shared
     # with another process takes fewer of them instead of holding the whole batch back.
@@ -143,7 +184,7 @@ def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = T
     bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
     with single_threaded_blas():
         parts = list(pool(w).map(
-            lambda i: _stripe_sums(x[bounds[i] : bounds[i + 1]], shift, rows, track_minmax),
+            lambda i: _stripe_sums(xn[bounds[i] : bounds[i + 1]], s, rows, track_minmax),
             range(tasks)))
     ysum = parts[0][0]
     gram = parts[0][1]

@@ -98,13 +98,35 @@ def test_accumulator_matches_reference_on_large_batch_float64_input() -> None:
     _check(acc.state, np.concatenate([x, x[:1000] + 1.0]))
 
 
-def test_extremes_fold_handles_odd_blocks() -> None:
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_extremes_fold_handles_odd_blocks(dtype: type) -> None:
     rng = np.random.default_rng(0)
-    for n in (1, 2, 7, 9, 17, 1001):
-        x = rng.normal(size=(n, 5)).astype(np.float32)
-        lo = np.full(5, np.inf, dtype=np.float32)
-        sb._fold_extreme(np.minimum, x, np.empty((n // 2 + 1, 5), np.float32), lo)
-        np.testing.assert_array_equal(lo, x.min(axis=0))
+    for lanes in (1, 4, 64):
+        ext = sb._Extremes(5, np.dtype(dtype), lanes=lanes)
+        seen = []
+        for n in (1, 2, 7, 9, 17, 64, 1001):  # whole lanes, a remainder, or only a remainder
+            x = rng.normal(size=(n, 5)).astype(dtype) * n
+            ext.fold(x)
+            seen.append(x)
+        lo, hi = ext.result()
+        allx = np.concatenate(seen)
+        np.testing.assert_array_equal(lo, allx.min(axis=0).astype(np.float64))
+        np.testing.assert_array_equal(hi, allx.max(axis=0).astype(np.float64))
+        assert lo.dtype == hi.dtype == np.float64
+
+
+def test_bfloat16_and_float16_input_match_their_float32_values() -> None:
+    rng = np.random.default_rng(2)
+    x32 = (rng.normal(size=(40_000, 7)) * 4 + 50).astype(np.float32)
+    shift = torch.full((7,), 50.0, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.from_numpy(x32).to(dtype)
+        ref = sb.blocked_sums(x.float(), shift, workers=1)
+        for workers in (1, 2):
+            got = sb.blocked_sums(x, shift, workers=workers)
+            for a, b in zip(got, ref, strict=True):
+                assert a is not None and b is not None
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
 
 
 def test_cache_size_from_sysfs(tmp_path: Path) -> None:
