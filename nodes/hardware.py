@@ -1,4 +1,4 @@
-"""What the CPU this process runs on offers: cache sizes, usable cores, a worker pool, BLAS caps.
+"""What the CPU this process runs on offers: cache sizes, cores, a worker pool, BLAS caps, scratch.
 
 Read at run time, so that block sizes and thread counts follow the machine instead of one
 machine's constants. Used by the blocked Phase-1 sums (:mod:`nodes.training.stats_blocked`) and
@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
 #: Cache sizes assumed per level where neither sysfs nor sysconf reports one (bytes).
@@ -109,3 +111,39 @@ def single_threaded_blas() -> Iterator[None]:
     """
     with _controller().limit(limits=1, user_api="blas"):
         yield
+
+
+_THREAD_SCRATCH = threading.local()
+
+
+def thread_arrays(key: str, shape: tuple[int, ...], dtype: npt.DTypeLike,
+                  count: int = 1) -> list[np.ndarray]:
+    """``count`` work arrays of ``shape`` and ``dtype`` from this thread's scratch ``key``.
+
+    The scratch is one byte buffer per thread and key, grown to the largest request and kept,
+    so that the blocked CPU loops (Phase-1 sums, RX scoring) neither allocate nor page-fault
+    fresh buffers on every call, and threads never share one. Each array starts 64-byte
+    aligned. The arrays stay valid until the same thread asks for ``key`` again.
+
+    Args:
+        key: Name of the scratch (one per caller, so two callers never alias).
+        shape: Shape of each array.
+        dtype: NumPy dtype.
+        count: Number of arrays.
+
+    Returns:
+        The arrays, C-contiguous, contents undefined.
+    """
+    dt = np.dtype(dtype)
+    item = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    step = -(-item // 64) * 64
+    pools: dict[str, np.ndarray] = _THREAD_SCRATCH.__dict__.setdefault("pools", {})
+    need = step * count + 64
+    raw = pools.get(key)
+    if raw is None or raw.size < need:
+        pools.pop(key, None)  # free the old buffer before allocating the larger one
+        raw = np.empty(need, dtype=np.uint8)
+        pools[key] = raw
+    off = -raw.ctypes.data % 64
+    return [raw[off + i * step : off + i * step + item].view(dt).reshape(shape)
+            for i in range(count)]

@@ -13,9 +13,7 @@ definite whatever the optimizer does to the lower triangle (the diagonal enters 
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any, ClassVar, cast
 
 import numpy as np
@@ -26,7 +24,7 @@ from nodes.errors import CubelineError
 from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
-from nodes.hardware import cache_size, pool, single_threaded_blas, worker_count
+from nodes.hardware import cache_size, pool, single_threaded_blas, thread_arrays, worker_count
 from nodes.training.stats import MomentState
 
 _F64 = torch.float64
@@ -204,36 +202,38 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
 
     The rows are split into a few stripes per worker thread (:func:`nodes.hardware.worker_count`),
     pulled from a queue; each stripe is walked in cache-sized blocks (:func:`_block_rows`, from
-    the L2 size read at run time): the shift (with the conversion, one op) into one work
+    the L2 size read at run time): the shift (with the conversion, one NumPy op) into one work
     buffer, one GEMM into the other, one row-wise sum of squares into the output, while the
-    block is in cache. BLAS runs
-    single-threaded inside the workers, so there is no parallel region (and no thread barrier
-    that a busy machine could stall) per op. On one thread the work buffers are the process's
-    reused scratch (:func:`_work_buffers`); stripes on workers get their own cache-sized ones.
+    block is in cache. BLAS runs single-threaded inside the workers, so there is no parallel
+    region (and no thread barrier that a busy machine could stall) per op, and no torch op runs
+    on a worker (each would bring up an OpenMP team whose idle threads spin on the same cores).
+    The work buffers are each thread's reused scratch (:func:`nodes.hardware.thread_arrays`).
     """
     n, c = x.shape
     dtype = w.dtype
     rows = min(n, _block_rows(c, w.element_size()))
     workers = max(1, min(worker_count(), n // max(1, 4 * rows)))
-    out = np.empty(n, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    xn = x.detach().contiguous()
+    xd = x.detach()
+    if xd.dtype not in (torch.float16, torch.float32, torch.float64):
+        xd = xd.to(dtype)  # bfloat16 and the like: NumPy has no such dtype
+    xn = xd.contiguous().numpy()
     wt = w.T.contiguous().numpy()
-    mu = mu_hi.detach().to(dtype)
+    mu = mu_hi.detach().to(dtype).numpy()
     bn = None if bias is None else bias.detach().numpy()
-    step = max(1, (1 << 15) // c)
     blocks = -(-n // rows)
     # A few stripes per worker, pulled from the pool's queue (load balancing on a shared core).
     tasks = 1 if workers == 1 else min(blocks, 4 * workers)
     bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
 
-    def stripe(i: int, diff: Tensor, z: Tensor) -> None:
-        dn, zn = diff.numpy(), z.numpy()
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    out = np.empty(n, dtype=np_dtype)
+
+    def stripe(i: int) -> None:
+        dn, zn = thread_arrays("rx.block", (rows, c), np_dtype, count=2)
         for start in range(bounds[i], bounds[i + 1], rows):
             stop = min(bounds[i + 1], start + rows)
             k = stop - start
-            for s0 in range(0, k, step):  # ops of <= torch's grain size: no OpenMP team
-                s1 = min(k, s0 + step)
-                torch.sub(xn[start + s0 : start + s1], mu, out=diff[s0:s1])
+            np.subtract(xn[start:stop], mu, out=dn[:k])  # NumPy: no torch op on a worker
             zc = zn[:k]
             np.matmul(dn[:k], wt, out=zc)
             if bn is not None:
@@ -241,40 +241,10 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
             np.einsum("ij,ij->i", zc, zc, out=cast(Any, out[start:stop]))
 
     if tasks == 1:
-        with _work_buffers(rows, c, dtype) as (diff, z):
-            stripe(0, diff, z)
+        stripe(0)
     else:
-        # Each stripe has its own cache-sized buffers (which thread runs it is not known ahead).
         with single_threaded_blas():
-            list(pool(workers).map(
-                lambda i: stripe(i, torch.empty(rows, c, dtype=dtype),
-                                 torch.empty(rows, c, dtype=dtype)), range(tasks)))
+            list(pool(workers).map(stripe, range(tasks)))
     return torch.from_numpy(out)
 
 
-_SCRATCH_LOCK = threading.Lock()
-_SCRATCH: dict[str, Tensor] = {"bytes": torch.empty(0, dtype=torch.uint8)}
-
-
-@contextmanager
-def _work_buffers(rows: int, c: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
-    """Two (rows, c) work buffers of ``dtype``: the process's scratch, or fresh if it is in use.
-
-    The scratch is one byte buffer, grown to the largest request and kept, so that repeated
-    scoring does not page-fault in new memory on every call. A caller on another thread while it
-    is in use gets fresh buffers instead.
-    """
-    size = rows * c * dtype.itemsize
-    half = -(-size // 64) * 64  # the second buffer starts 64-byte aligned
-    if not _SCRATCH_LOCK.acquire(blocking=False):
-        yield torch.empty(rows, c, dtype=dtype), torch.empty(rows, c, dtype=dtype)
-        return
-    try:
-        if _SCRATCH["bytes"].numel() < 2 * half:
-            _SCRATCH["bytes"] = torch.empty(0, dtype=torch.uint8)  # free before allocating
-            _SCRATCH["bytes"] = torch.empty(2 * half, dtype=torch.uint8)
-        buf = _SCRATCH["bytes"]
-        yield (buf[:size].view(dtype).view(rows, c),
-               buf[half : half + size].view(dtype).view(rows, c))
-    finally:
-        _SCRATCH_LOCK.release()

@@ -29,12 +29,10 @@ Cache size and worker count come from :mod:`nodes.hardware`.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
-from nodes.hardware import cache_size, pool, single_threaded_blas, worker_count
+from nodes.hardware import cache_size, pool, single_threaded_blas, thread_arrays, worker_count
 
 #: Share of the L2 cache the float64 block buffer may fill: the rest holds the input block, the
 #: Gram accumulator and the BLAS kernel's packed panels.
@@ -112,25 +110,11 @@ class _Extremes:
         return lo.astype(np.float64), hi.astype(np.float64)
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's float64 block buffer (rows, c) and a ones vector (rows,), reused.
-
-    Kept per thread so a stripe neither allocates nor page-faults a fresh block buffer.
-    """
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None or bufs[0].shape[0] < rows or bufs[0].shape[1] != c:
-        bufs = (np.empty((rows, c)), np.ones(rows))
-        _SCRATCH.bufs = bufs
-    return bufs[0][:rows], bufs[1][:rows]
-
-
 def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> Sums:
     """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
     n, c = x.shape
-    b_all, ones = _scratch(rows, c)
+    (b_all,) = thread_arrays("moments.block", (rows, c), np.float64)
+    ones = np.ones(rows)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
     ext = _Extremes(c, x.dtype) if minmax else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,18 @@ def test_block_rows_follow_the_cache() -> None:
     assert sb.block_rows(205, l2_bytes=1 << 20) < sb.block_rows(61, l2_bytes=1 << 20)
     assert sb.block_rows(61, l2_bytes=1) == sb.MIN_BLOCK_ROWS
     assert hardware.worker_count() >= 1
+
+
+def test_thread_arrays_are_aligned_kept_and_per_thread() -> None:
+    a, b = hardware.thread_arrays("test.scratch", (3, 5), np.float64, count=2)
+    assert a.shape == b.shape == (3, 5) and a.dtype == np.float64
+    assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0
+    assert not np.shares_memory(a, b)
+    (again,) = hardware.thread_arrays("test.scratch", (2, 5), np.float64)
+    assert again.ctypes.data == a.ctypes.data  # a smaller request reuses the buffer
+    (big,) = hardware.thread_arrays("test.scratch", (1000, 5), np.float32)
+    assert big.shape == (1000, 5) and big.ctypes.data % 64 == 0
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        other = ex.submit(lambda: hardware.thread_arrays("test.scratch", (1000, 5), np.float32)[0]
+                          .ctypes.data).result()
+    assert other != big.ctypes.data  # another thread has its own scratch
