@@ -273,22 +273,35 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
 def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
     """Wall time of the Gram products alone of Phase 1's blocked pass over ``pixels``.
 
-    The same block size, stripes and threads as :func:`~nodes.training.stats_blocked.blocked_sums`,
-    but every block is a ready float64 buffer: no conversion, shift, sums or min/max. Phase 1's
-    time minus this is the work around the GEMM.
+    The same block size, stripes, threads and Gram kernel
+    (:func:`~nodes.training.stats_blocked.gram_kernel`) as
+    :func:`~nodes.training.stats_blocked.blocked_sums`, but every block is a ready float64
+    buffer: no conversion, shift, sums or min/max. Phase 1's time minus this is the work around
+    the GEMM.
     """
     from nodes.hardware import pool, single_threaded_blas, worker_count
-    from nodes.training.stats_blocked import MIN_STRIPE_ROWS, STRIPES_PER_WORKER, block_rows
+    from nodes.training.stats_blocked import (
+        MIN_STRIPE_ROWS,
+        STRIPES_PER_WORKER,
+        block_rows,
+        gram_kernel,
+    )
 
     rows = block_rows(c)
     w = max(1, min(worker_count(), batch_pixels // MIN_STRIPE_ROWS))
+    use_torch = gram_kernel() == "torch"
 
     def stripe(n: int) -> None:
         b = np.random.default_rng(0).random((min(rows, n), c))
         g = np.zeros((c, c))
+        bt, gt = torch.from_numpy(b), torch.from_numpy(g)
         for start in range(0, n, rows):
-            bb = b[: min(rows, n - start)]
-            g += bb.T @ bb
+            k = min(rows, n - start)
+            if use_torch:
+                gt.addmm_(bt[:k].T, bt[:k])
+            else:
+                bb = b[:k]
+                g += bb.T @ bb
 
     t0 = time.perf_counter()
     for start in range(0, pixels, batch_pixels):
@@ -397,7 +410,12 @@ def machine() -> dict[str, Any]:
         git["nodes_uncommitted"] = sorted(line[3:] for line in dirty if line.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from nodes.hardware import cache_size, cpu_vendor
+    from nodes.training.stats_blocked import block_rows, gram_kernel
+
+    return {"cpu": cpu, "vendor": cpu_vendor(), "l2_bytes": cache_size(2),
+            "block_rows_c61": block_rows(61), "gram_kernel": gram_kernel(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg(), "git": git}
 

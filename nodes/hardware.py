@@ -71,6 +71,20 @@ def cache_size(level: int = 2, root: Path = _SYSFS_CACHE) -> int:
     return FALLBACK_CACHE_BYTES.get(level, FALLBACK_CACHE_BYTES[2])
 
 
+@functools.cache
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU vendor string the kernel reports (``GenuineIntel``, ``AuthenticAMD``...), or ""."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def worker_count() -> int:
     """CPUs this process may run on (its affinity mask), at least 1."""
     try:
@@ -90,11 +104,37 @@ def pool(workers: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
         if _POOL is None or workers > _POOL_SIZE:
             old = _POOL
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cubeline-cpu")
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cubeline-cpu",
+                                       initializer=_init_worker)
             _POOL_SIZE = workers
             if old is not None:
                 old.shutdown(wait=False)
         return _POOL
+
+
+def _init_worker() -> None:
+    """Make a pool thread run torch ops on itself alone: OpenMP capped at one thread, here only.
+
+    torch sets a new thread's OpenMP thread count to its global one on the thread's first op,
+    so a torch op (or MKL call) on each of several worker threads would start its own OpenMP
+    team, whose idle threads spin on the same cores: on a 2-vCPU Xeon two workers' float64
+    GEMMs ran twice as slow as one. ``omp_set_num_threads`` sets the calling thread's own count
+    (an OpenMP per-thread setting), so the main thread keeps its parallelism.
+    """
+    import torch
+
+    torch.zeros(1).add_(1)  # torch's per-thread set-up first, so it cannot undo the cap below
+    for lib in _controller().select(user_api="openmp").lib_controllers:
+        lib.set_num_threads(1)
+    _WORKER.omp_capped = True
+
+
+_WORKER = threading.local()
+
+
+def worker_omp_capped() -> bool:
+    """Whether the calling thread is a pool worker whose OpenMP is capped at one thread."""
+    return bool(getattr(_WORKER, "omp_capped", False))
 
 
 @functools.cache

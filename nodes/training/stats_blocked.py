@@ -29,10 +29,20 @@ Cache size and worker count come from :mod:`nodes.hardware`.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 
-from nodes.hardware import cache_size, pool, single_threaded_blas, thread_arrays, worker_count
+from nodes.hardware import (
+    cache_size,
+    cpu_vendor,
+    pool,
+    single_threaded_blas,
+    thread_arrays,
+    worker_count,
+)
 
 #: Share of the L2 cache the float64 block buffer may fill: the rest holds the input block, the
 #: Gram accumulator and the BLAS kernel's packed panels.
@@ -110,13 +120,38 @@ class _Extremes:
         return lo.astype(np.float64), hi.astype(np.float64)
 
 
+#: Environment variable that pins the Gram kernel (``torch`` or ``numpy``) over the default.
+GRAM_KERNEL_ENV = "CUBELINE_GRAM_KERNEL"
+
+
+@functools.cache
+def gram_kernel() -> str:
+    """Which BLAS adds a block's Gram matrix: ``"torch"`` (its MKL ``?gemm``) or ``"numpy"``.
+
+    Chosen once per process from what the machine reports, so that a machine always takes the
+    same kernel (Phase-1 results are bit-for-bit repeatable on it): torch's MKL on an Intel CPU
+    where torch was built with MKL (MKL's ``dgemm`` measured 20 % faster there than OpenBLAS's
+    ``dsyrk`` on the same blocks), NumPy's OpenBLAS ``?syrk`` elsewhere (AMD EPYC, where it was
+    the faster one, and non-MKL builds). ``CUBELINE_GRAM_KERNEL=torch|numpy`` pins it.
+    """
+    pinned = os.environ.get(GRAM_KERNEL_ENV, "").strip().lower()
+    if pinned in ("torch", "numpy"):
+        return pinned
+    mkl = torch.backends.mkl.is_available()
+    return "torch" if mkl and cpu_vendor() == "GenuineIntel" else "numpy"
+
+
 def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> Sums:
     """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
     n, c = x.shape
+    use_torch = gram_kernel() == "torch"
     (b_all,) = thread_arrays("moments.block", (rows, c), np.float64)
     ones = np.ones(rows)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
+    # On pool workers torch runs with OpenMP capped at one thread (nodes.hardware.pool).
+    gram_t = torch.from_numpy(gram) if use_torch else None
+    bt_all = torch.from_numpy(b_all) if use_torch else None
     ext = _Extremes(c, x.dtype) if minmax else None
     for start in range(0, n, rows):
         xb = x[start : start + rows]
@@ -125,7 +160,11 @@ def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> S
         np.subtract(xb, shift, out=b)  # convert + shift: one vectorized pass, in cache
         if ext is not None:
             ext.fold(xb)
-        gram += b.T @ b  # NumPy calls BLAS ?syrk for a.T @ a on one buffer
+        if gram_t is not None and bt_all is not None:
+            bt = bt_all[:k]
+            gram_t.addmm_(bt.T, bt)  # MKL ?gemm into the accumulator, in place
+        else:
+            gram += b.T @ b  # NumPy calls BLAS ?syrk for a.T @ a on one buffer
         ysum += ones[:k] @ b
     if ext is None:
         return ysum, gram, None, None

@@ -104,9 +104,9 @@ def test_extremes_fold_handles_odd_blocks(dtype: type) -> None:
     rng = np.random.default_rng(0)
     for lanes in (1, 4, 64):
         ext = sb._Extremes(5, np.dtype(dtype), lanes=lanes)
-        seen = []
+        seen: list[np.ndarray] = []
         for n in (1, 2, 7, 9, 17, 64, 1001):  # whole lanes, a remainder, or only a remainder
-            x = rng.normal(size=(n, 5)).astype(dtype) * n
+            x: np.ndarray = rng.normal(size=(n, 5)).astype(dtype) * n
             ext.fold(x)
             seen.append(x)
         lo, hi = ext.result()
@@ -167,3 +167,54 @@ def test_thread_arrays_are_aligned_kept_and_per_thread() -> None:
         other = ex.submit(lambda: hardware.thread_arrays("test.scratch", (1000, 5), np.float32)[0]
                           .ctypes.data).result()
     assert other != big.ctypes.data  # another thread has its own scratch
+
+
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_both_gram_kernels_match_the_reference(monkeypatch: pytest.MonkeyPatch,
+                                               kernel: str) -> None:
+    monkeypatch.setenv(sb.GRAM_KERNEL_ENV, kernel)
+    sb.gram_kernel.cache_clear()
+    try:
+        assert sb.gram_kernel() == kernel
+        rng = np.random.default_rng(4)
+        x = (rng.normal(size=(50_003, 23)) * 2 + 300).astype(np.float32)
+        shift = torch.from_numpy(x[:64].astype(np.float64).mean(axis=0))
+        y = x.astype(np.float64) - shift.numpy()
+        for workers in (1, 2):
+            _, gram, lo, hi = sb.blocked_sums(torch.from_numpy(x), shift, workers=workers)
+            assert _rel(gram, y.T @ y) <= 1e-12
+            assert lo is not None and hi is not None
+            np.testing.assert_array_equal(lo, x.min(axis=0))
+    finally:
+        sb.gram_kernel.cache_clear()
+
+
+def test_gram_kernel_follows_the_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(sb.GRAM_KERNEL_ENV, raising=False)
+    sb.gram_kernel.cache_clear()
+    try:
+        want = ("torch" if torch.backends.mkl.is_available()
+                and hardware.cpu_vendor() == "GenuineIntel" else "numpy")
+        assert sb.gram_kernel() == want
+    finally:
+        sb.gram_kernel.cache_clear()
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
+    assert hardware.cpu_vendor(info) == "AuthenticAMD"
+    assert hardware.cpu_vendor(tmp_path / "absent") == ""
+
+
+def test_pool_workers_run_openmp_on_one_thread_and_the_caller_keeps_its_own() -> None:
+    from threadpoolctl import threadpool_info
+
+    def omp_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
+
+    before = omp_threads()
+    if not before:
+        pytest.skip("no OpenMP runtime in this process")
+    in_worker = hardware.pool(2).submit(omp_threads).result()
+    assert in_worker and all(n == 1 for n in in_worker)
+    assert omp_threads() == before
+    assert hardware.pool(2).submit(hardware.worker_omp_capped).result()
+    assert not hardware.worker_omp_capped()
