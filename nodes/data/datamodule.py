@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nodes.data.coco import CocoAnnotations, anomaly_mask, load_coco
-from nodes.data.collate import collate_frames
+from nodes.data.collate import FrameCollator
 from nodes.data.npz_member import is_mapped
 from nodes.data.readahead import read_ahead
 from nodes.data.readers import Frame, count_frames, read_frame
@@ -167,6 +167,8 @@ class CubeDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self._index: list[tuple[Path, int]] = []
         self._cache: dict[int, Frame] = {}
+        # One collator for all loaders, so a batch buffer is reused across epochs and fits.
+        self._collate = FrameCollator()
         self._cached_bytes = 0
         self._labels: dict[int, np.ndarray] = {}  # frame id -> class mask from annotations
         self._summaries: pd.DataFrame | None = None
@@ -460,7 +462,7 @@ class CubeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_frames,
+            collate_fn=self._collate,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:
