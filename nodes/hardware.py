@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -126,7 +127,36 @@ def _init_worker() -> None:
     torch.zeros(1).add_(1)  # torch's per-thread set-up first, so it cannot undo the cap below
     for lib in _controller().select(user_api="openmp").lib_controllers:
         lib.set_num_threads(1)
+    set_local = _mkl_set_num_threads_local()
+    if set_local is not None:
+        set_local(1)  # MKL_NUM_THREADS would otherwise outrank the OpenMP cap inside MKL
     _WORKER.omp_capped = True
+
+
+@functools.cache
+def _mkl_set_num_threads_local() -> Any:
+    """MKL's per-thread thread-count setter as linked into torch, or None where there is none.
+
+    ``MKL_Set_Num_Threads_Local(int)`` is the C entry point of ``mkl_service.h`` (in torch's
+    build the lower-case ``mkl_set_num_threads_local`` symbol is the Fortran one, which takes a
+    pointer). It overrides ``MKL_NUM_THREADS`` for the calling thread only.
+    """
+    import ctypes
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return None
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        try:
+            fn = ctypes.CDLL(str(lib_dir / name)).MKL_Set_Num_Threads_Local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn
+    return None
 
 
 _WORKER = threading.local()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -218,3 +221,22 @@ def test_pool_workers_run_openmp_on_one_thread_and_the_caller_keeps_its_own() ->
     assert omp_threads() == before
     assert hardware.pool(2).submit(hardware.worker_omp_capped).result()
     assert not hardware.worker_omp_capped()
+
+
+def test_pool_workers_cap_mkl_even_where_mkl_num_threads_is_set() -> None:
+    """MKL_NUM_THREADS outranks OpenMP's count inside MKL: workers cap MKL per thread too."""
+    if hardware._mkl_set_num_threads_local() is None:
+        pytest.skip("torch has no MKL here")
+    code = (
+        "import ctypes, torch\n"
+        "from pathlib import Path\n"
+        "from nodes import hardware\n"
+        "lib = ctypes.CDLL(str(Path(torch.__file__).parent / 'lib' / 'libtorch_cpu.so'))\n"
+        "get = lib.MKL_Get_Max_Threads\n"
+        "get.restype = ctypes.c_int\n"
+        "print(get(), hardware.pool(2).submit(get).result())\n"
+    )
+    env = {**os.environ, "MKL_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=REPO, check=True, timeout=120).stdout.split()
+    assert out == ["2", "1"]
