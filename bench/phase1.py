@@ -274,7 +274,7 @@ def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
     """Wall time of the Gram products alone of Phase 1's blocked pass over ``pixels``.
 
     The same block size, stripes, threads and Gram kernel
-    (:func:`~nodes.training.stats_blocked.gram_kernel`) as
+    (:func:`~nodes.training.stats_blocked.gram_adder`) as
     :func:`~nodes.training.stats_blocked.blocked_sums`, but every block is a ready float64
     buffer: no conversion, shift, sums or min/max. Phase 1's time minus this is the work around
     the GEMM.
@@ -284,24 +284,16 @@ def gemm_only_seconds(pixels: int, c: int, batch_pixels: int) -> float:
         MIN_STRIPE_ROWS,
         STRIPES_PER_WORKER,
         block_rows,
-        gram_kernel,
+        gram_adder,
     )
 
     rows = block_rows(c)
     w = max(1, min(worker_count(), batch_pixels // MIN_STRIPE_ROWS))
-    use_torch = gram_kernel() == "torch"
 
     def stripe(n: int) -> None:
-        b = np.random.default_rng(0).random((min(rows, n), c))
-        g = np.zeros((c, c))
-        bt, gt = torch.from_numpy(b), torch.from_numpy(g)
+        add_gram = gram_adder(np.zeros((c, c)), np.random.default_rng(0).random((min(rows, n), c)))
         for start in range(0, n, rows):
-            k = min(rows, n - start)
-            if use_torch:
-                gt.addmm_(bt[:k].T, bt[:k])
-            else:
-                bb = b[:k]
-                g += bb.T @ bb
+            add_gram(min(rows, n - start))
 
     t0 = time.perf_counter()
     for start in range(0, pixels, batch_pixels):

@@ -11,8 +11,8 @@ the L2 cache the machine reports, and per block
 2. folds the block's min/max into the stripe's running min/max (:class:`_Extremes`: the block
    viewed as rows of ``64 x C`` values, so each call is a long vector loop) while the block
    is still in cache from step 1,
-3. adds the block's Gram matrix with one symmetric rank-k update (NumPy dispatches ``b.T @ b``
-   on one buffer to BLAS ``?syrk``) and its column sums with one ``?gemv``.
+3. adds the block's Gram matrix with the kernel :func:`gram_kernel` picks for the machine
+   (:func:`gram_adder`) and its column sums with one ``?gemv``.
 
 The loop makes a handful of NumPy calls per block, each a long GIL-free kernel, and no torch
 calls: torch ops started from several Python threads each bring up an OpenMP team whose idle
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -141,17 +142,33 @@ def gram_kernel() -> str:
     return "torch" if mkl and cpu_vendor() == "GenuineIntel" else "numpy"
 
 
+def gram_adder(gram: np.ndarray, buf: np.ndarray) -> Callable[[int], None]:
+    """``add(k)``: ``gram += buf[:k].T @ buf[:k]`` in place, with the :func:`gram_kernel`.
+
+    ``torch``: MKL ``?gemm`` into the accumulator (on pool workers torch runs with OpenMP and
+    MKL capped at one thread, :func:`nodes.hardware.pool`); ``numpy``: NumPy dispatches
+    ``b.T @ b`` on one buffer to BLAS ``?syrk``.
+    """
+    gram_t, buf_t = torch.from_numpy(gram), torch.from_numpy(buf)
+
+    def add_mkl(k: int) -> None:
+        gram_t.addmm_(buf_t[:k].T, buf_t[:k])
+
+    def add_syrk(k: int) -> None:
+        b = buf[:k]
+        gram.__iadd__(b.T @ b)
+
+    return add_mkl if gram_kernel() == "torch" else add_syrk
+
+
 def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> Sums:
     """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
     n, c = x.shape
-    use_torch = gram_kernel() == "torch"
     (b_all,) = thread_arrays("moments.block", (rows, c), np.float64)
     ones = np.ones(rows)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
-    # On pool workers torch runs with OpenMP capped at one thread (nodes.hardware.pool).
-    gram_t = torch.from_numpy(gram) if use_torch else None
-    bt_all = torch.from_numpy(b_all) if use_torch else None
+    add_gram = gram_adder(gram, b_all)
     ext = _Extremes(c, x.dtype) if minmax else None
     for start in range(0, n, rows):
         xb = x[start : start + rows]
@@ -160,11 +177,7 @@ def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> S
         np.subtract(xb, shift, out=b)  # convert + shift: one vectorized pass, in cache
         if ext is not None:
             ext.fold(xb)
-        if gram_t is not None and bt_all is not None:
-            bt = bt_all[:k]
-            gram_t.addmm_(bt.T, bt)  # MKL ?gemm into the accumulator, in place
-        else:
-            gram += b.T @ b  # NumPy calls BLAS ?syrk for a.T @ a on one buffer
+        add_gram(k)
         ysum += ones[:k] @ b
     if ext is None:
         return ysum, gram, None, None
