@@ -1,24 +1,21 @@
-"""Phase-1 sums on the CPU in one blocked pass: cache-sized pixel blocks over worker threads.
+"""Phase-1 sums on the CPU in one blocked pass: pixel blocks over worker threads.
 
 For a batch ``x`` (N, C) of any float dtype and a float64 shift ``s`` (C,), :func:`blocked_sums`
 returns the float64 column sums and Gram matrix of ``y = x - s`` and the per-channel min/max of
 ``x``, reading ``x`` once. The rows are split into a few contiguous stripes per worker
 thread; a worker walks each stripe it takes in blocks of :func:`block_rows` pixels, sized from
-the L2 cache the machine reports, and per block
+the L2 cache the machine reports and the Gram kernel, and per block
 
-1. converts and shifts the block into the thread's reused float64 buffer with one NumPy
-   ``float32 - float64`` call (the batch is never materialized in float64),
-2. folds the block's min/max into the stripe's running min/max (:class:`_Extremes`: the block
-   viewed as rows of ``64 x C`` values, so each call is a long vector loop) while the block
-   is still in cache from step 1,
-3. adds the block's Gram matrix with the kernel :func:`gram_kernel` picks for the machine
-   (:func:`gram_adder`) and its column sums with one ``?gemv``.
+1. reads the block once with the compiled loop :func:`nodes.training.stats_kernel.convert_block`:
+   it writes the shifted float64 values into the thread's reused block buffer (the batch is
+   never materialized in float64), adds them to the stripe's column sums and folds the raw
+   values into the stripe's min/max;
+2. adds the block's Gram matrix with the kernel :func:`gram_kernel` picks for the machine
+   (:func:`gram_adder`).
 
-The loop makes a handful of NumPy calls per block, each a long GIL-free kernel, and no torch
-calls: torch ops started from several Python threads each bring up an OpenMP team whose idle
-threads spin on the same cores, which measured twice as slow on a 2-vCPU Xeon, and many short
-calls per block (the min/max fold by repeated halving that this replaced) keep the threads
-queueing for the GIL.
+Both steps run without the GIL, so the workers run side by side; the loop makes no torch call
+that could start an OpenMP team (the pool's workers cap theirs at one thread anyway,
+:func:`nodes.hardware.pool`).
 
 Every stripe has its own accumulators; since all use the same shift, the stripes' sums add up
 exactly as the blocks of one worker do, and the caller merges the batch into its state with the
@@ -45,9 +42,11 @@ from nodes.hardware import (
     worker_count,
 )
 
-#: Share of the L2 cache the float64 block buffer may fill: the rest holds the input block, the
-#: Gram accumulator and the BLAS kernel's packed panels.
-L2_SHARE = 0.5
+#: Bytes of the block buffer (float64) and its input per byte of L2, by Gram kernel. OpenBLAS's
+#: ``dsyrk`` (NumPy) was fastest on AMD EPYC with the block in half of L2; MKL's ``dgemm``
+#: (torch), whose per-call set-up weighs on the small ``C x C`` product, was 25 % faster on a
+#: 2-vCPU Xeon with blocks of 4x L2 (8k-16k rows at C = 61) than with L2-sized ones.
+L2_SHARE = {"numpy": 0.5, "torch": 4.0}
 #: Fewest rows per block: below this the per-block call overhead dominates.
 MIN_BLOCK_ROWS = 256
 #: Fewest rows per worker: smaller batches run on one thread.
@@ -55,70 +54,31 @@ MIN_STRIPE_ROWS = 16_384
 #: Stripes per worker thread (load balancing on a shared machine).
 STRIPES_PER_WORKER = 4
 
-def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None) -> int:
-    """Pixels per block so that one float64 block and its input fill :data:`L2_SHARE` of L2.
+
+def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None,
+               kernel: str | None = None) -> int:
+    """Pixels per block: one float64 block and its input fill :data:`L2_SHARE` of L2.
 
     Args:
         channels: Channels C of a pixel.
         in_itemsize: Bytes per input value (4 for float32).
         l2_bytes: L2 size; default :func:`nodes.hardware.cache_size` of level 2.
+        kernel: Gram kernel (``"torch"`` or ``"numpy"``); default :func:`gram_kernel`.
 
     Returns:
         Rows per block, a multiple of 64 and at least :data:`MIN_BLOCK_ROWS`.
     """
     l2 = cache_size(2) if l2_bytes is None else l2_bytes
-    per_row = (channels + 1) * 8 + channels * in_itemsize
-    rows = int(l2 * L2_SHARE) // max(1, per_row)
+    per_row = channels * 8 + channels * in_itemsize
+    rows = int(l2 * L2_SHARE[kernel or gram_kernel()]) // max(1, per_row)
     return max(MIN_BLOCK_ROWS, rows // 64 * 64)
 
 
 Sums = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
-#: Rows folded side by side into the running min/max: ``lanes x C`` values per elementwise
-#: call, so each call is one long vector loop instead of ``C``-wide rows.
-MINMAX_LANES = 64
-#: Input dtypes the block loop reads through NumPy; others are converted to float32 first.
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
-
-
-class _Extremes:
-    """Running per-channel min and max of float rows, folded a block at a time.
-
-    A block of ``k`` rows is viewed as ``k // lanes`` rows of ``lanes * C`` values and reduced
-    over its first axis into a ``lanes * C`` running row: two long NumPy calls per block and per
-    extreme, whatever ``k``, so worker threads spend little time holding the GIL. The ``k % lanes``
-    rows left over go to a per-channel row; :meth:`result` folds the lanes into it.
-    """
-
-    def __init__(self, channels: int, dtype: np.dtype, lanes: int = MINMAX_LANES) -> None:
-        self.c = channels
-        self.lanes = lanes
-        self.lo = np.full(lanes * channels, np.inf, dtype=dtype)
-        self.hi = np.full(lanes * channels, -np.inf, dtype=dtype)
-        self.lo_rest = np.full(channels, np.inf, dtype=dtype)
-        self.hi_rest = np.full(channels, -np.inf, dtype=dtype)
-        self._tmp = np.empty(lanes * channels, dtype=dtype)
-
-    def fold(self, block: np.ndarray) -> None:
-        """Fold the rows of ``block`` (k, C), C-contiguous."""
-        k = block.shape[0]
-        whole = k - k % self.lanes
-        if whole:
-            v = block[:whole].reshape(-1, self.lanes * self.c)
-            np.minimum.reduce(v, axis=0, out=self._tmp)
-            np.minimum(self.lo, self._tmp, out=self.lo)
-            np.maximum.reduce(v, axis=0, out=self._tmp)
-            np.maximum(self.hi, self._tmp, out=self.hi)
-        if whole < k:
-            rest = block[whole:]
-            np.minimum(self.lo_rest, rest.min(axis=0), out=self.lo_rest)
-            np.maximum(self.hi_rest, rest.max(axis=0), out=self.hi_rest)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel ``(min, max)`` as float64."""
-        lo = np.minimum(self.lo.reshape(self.lanes, self.c).min(axis=0), self.lo_rest)
-        hi = np.maximum(self.hi.reshape(self.lanes, self.c).max(axis=0), self.hi_rest)
-        return lo.astype(np.float64), hi.astype(np.float64)
+#: Input dtypes the compiled block loop reads; others (float16, bfloat16) are converted to float32
+#: first.
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 #: Environment variable that pins the Gram kernel (``torch`` or ``numpy``) over the default.
@@ -165,24 +125,28 @@ def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> S
     """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
     n, c = x.shape
     (b_all,) = thread_arrays("moments.block", (rows, c), np.float64)
-    ones = np.ones(rows)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
+    lo = np.full(c, np.inf, dtype=x.dtype)
+    hi = np.full(c, -np.inf, dtype=x.dtype)
     add_gram = gram_adder(gram, b_all)
-    ext = _Extremes(c, x.dtype) if minmax else None
+    convert = _convert_block()
     for start in range(0, n, rows):
         xb = x[start : start + rows]
         k = xb.shape[0]
-        b = b_all[:k]
-        np.subtract(xb, shift, out=b)  # convert + shift: one vectorized pass, in cache
-        if ext is not None:
-            ext.fold(xb)
+        convert(xb, shift, b_all[:k], ysum, lo, hi)
         add_gram(k)
-        ysum += ones[:k] @ b
-    if ext is None:
+    if not minmax:
         return ysum, gram, None, None
-    lo, hi = ext.result()
-    return ysum, gram, lo, hi
+    return ysum, gram, lo.astype(np.float64), hi.astype(np.float64)
+
+
+@functools.cache
+def _convert_block() -> Callable[..., None]:
+    """The compiled block loop, imported (and compiled or loaded from cache) on first use."""
+    from nodes.training.stats_kernel import convert_block
+
+    return convert_block
 
 
 def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = True,
@@ -203,13 +167,14 @@ def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = T
     """
     n, c = x.shape
     x = x.detach()
-    if x.dtype not in _NUMPY_DTYPES:  # bfloat16 and the like: NumPy has no such dtype
+    if x.dtype not in _KERNEL_DTYPES:  # float16, bfloat16: widened to float32 (exact)
         x = x.float()
     rows = rows or block_rows(c, x.element_size())
     xn = x.contiguous().numpy()
     rows = max(1, min(rows, n))
     s = shift.detach().to(torch.float64).contiguous().numpy()
     w = max(1, min(workers or worker_count(), n // MIN_STRIPE_ROWS))
+    _convert_block()  # load (or compile) it here, before the workers would all wait for it
     if w == 1:
         return _stripe_sums(xn, s, rows, track_minmax)
     # Stripes on block boundaries, so the blocks are the same whatever the worker count; a few

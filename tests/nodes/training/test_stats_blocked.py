@@ -102,21 +102,33 @@ def test_accumulator_matches_reference_on_large_batch_float64_input() -> None:
     _check(acc.state, np.concatenate([x, x[:1000] + 1.0]))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-def test_extremes_fold_handles_odd_blocks(dtype: type) -> None:
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_kernel_converts_sums_and_folds_extremes(dtype: type) -> None:
+    from nodes.training.stats_kernel import convert_block
+
     rng = np.random.default_rng(0)
-    for lanes in (1, 4, 64):
-        ext = sb._Extremes(5, np.dtype(dtype), lanes=lanes)
-        seen: list[np.ndarray] = []
-        for n in (1, 2, 7, 9, 17, 64, 1001):  # whole lanes, a remainder, or only a remainder
-            x: np.ndarray = rng.normal(size=(n, 5)).astype(dtype) * n
-            ext.fold(x)
-            seen.append(x)
-        lo, hi = ext.result()
-        allx = np.concatenate(seen)
-        np.testing.assert_array_equal(lo, allx.min(axis=0).astype(np.float64))
-        np.testing.assert_array_equal(hi, allx.max(axis=0).astype(np.float64))
-        assert lo.dtype == hi.dtype == np.float64
+    shift = rng.normal(size=5)
+    ysum = np.zeros(5)
+    lo: np.ndarray = np.full(5, np.inf, dtype=dtype)
+    hi: np.ndarray = np.full(5, -np.inf, dtype=dtype)
+    seen: list[np.ndarray] = []
+    for n in (1, 2, 7, 64, 1001):
+        x: np.ndarray = (rng.normal(size=(n, 5)) * n).astype(dtype)
+        out = np.full((n, 5), np.nan)
+        convert_block(x, shift, out, ysum, lo, hi)
+        np.testing.assert_array_equal(out, x.astype(np.float64) - shift)
+        seen.append(x)
+    allx = np.concatenate(seen)
+    np.testing.assert_allclose(ysum, (allx.astype(np.float64) - shift).sum(axis=0), rtol=1e-13)
+    np.testing.assert_array_equal(lo, allx.min(axis=0))
+    np.testing.assert_array_equal(hi, allx.max(axis=0))
+    # A NaN in a channel stays in that channel's min and max, as np.minimum / np.maximum keep it.
+    bad: np.ndarray = np.ones((3, 5), dtype=dtype)
+    bad[1, 2] = np.nan
+    convert_block(bad, shift, np.empty((3, 5)), ysum, lo, hi)
+    convert_block(bad[:1], shift, np.empty((1, 5)), ysum, lo, hi)
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+    assert not np.isnan(np.delete(lo, 2)).any() and not np.isnan(np.delete(hi, 2)).any()
 
 
 def test_bfloat16_and_float16_input_match_their_float32_values() -> None:
