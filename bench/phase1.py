@@ -175,23 +175,37 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
     pixels = int(cubes.shape[:3].numel())
 
     # (a) ours from batches already in memory, (a') ours end to end through CubeDataModule
-    # (DataLoader collation included), (c) one float64 X^T X over the same pixels, already
-    # float64 and in memory. The three are interleaved in each round so that load from other
-    # processes on a shared machine hits them alike; each keeps its best round.
+    # (its one-frame batches, which Phase 1 reads from a data module that has them), (c) one
+    # float64 X^T X over the same pixels, already float64 and in memory. The three are
+    # interleaved in each round so that load from other processes on a shared machine hits them
+    # alike; each keeps its best round.
     mem = InMemoryBatches(cubes, masks, batch_size)
     x64 = cubes.reshape(-1, c).double().contiguous()
-    counter = {"n": 0}
-    inner = datamodule.train_dataloader if datamodule is not None else None
+    counter = {"frames": 0}
+    inner_loader = datamodule.train_dataloader if datamodule is not None else None
+    inner_frames = getattr(datamodule, "frame_batches", None)
 
     def counting_loader() -> Iterator[Any]:
-        assert inner is not None
-        for b in inner():
-            counter["n"] += 1
+        assert inner_loader is not None
+        for b in inner_loader():
+            counter["frames"] += int(b["cube"].shape[0])
             yield b
+
+    def counted(frames: Iterator[Any]) -> Iterator[Any]:
+        for b in frames:
+            counter["frames"] += 1
+            yield b
+
+    def counting_frames(split: str) -> Iterator[Any] | None:
+        assert inner_frames is not None
+        frames = inner_frames(split)
+        return counted(frames) if frames is not None and split == "train" else frames
 
     if datamodule is not None:
         datamodule.setup("fit")  # validation of the frames happens once, before Phase 1
         datamodule.train_dataloader = counting_loader
+        if inner_frames is not None:
+            datamodule.frame_batches = counting_frames
     t_ours = t_dm = t_xtx_torch = t_xtx_numpy = t_gemm = t_npz = float("inf")
     x64n = x64.numpy()
     mem_b = list(range(mem.batches_per_epoch))
@@ -221,9 +235,11 @@ def phase1_figures(label: str, cubes: torch.Tensor, masks: torch.Tensor, *, batc
     t_xtx = min(t_xtx_torch, t_xtx_numpy)
     passes_counted = mem.yielded / (repeats * mem.batches_per_epoch)
     dm_passes = None
-    if datamodule is not None and inner is not None:
-        dm_passes = counter["n"] / (repeats * len(inner()))
-        datamodule.train_dataloader = inner
+    if datamodule is not None and inner_loader is not None:
+        dm_passes = counter["frames"] / (repeats * int(cubes.shape[0]))
+        datamodule.train_dataloader = inner_loader
+        if inner_frames is not None:
+            datamodule.frame_batches = inner_frames
     t_dm_or_none = t_dm if datamodule is not None else None
 
     # (b) the guide's per-sample Welford loop, on a subsample, extrapolated

@@ -168,13 +168,14 @@ def cube_factory() -> Callable[..., Cubes]:
 
 
 class CountingCubeDataModule(CubeDataModule):
-    """A :class:`CubeDataModule` that counts the batches its training loader yields.
+    """A :class:`CubeDataModule` that counts the training frames it hands out.
 
-    ``train_batches_yielded / train_batches_per_epoch`` is the number of passes a trainer made
-    over the training data.
+    Frames are counted whether they come in batches (``train_dataloader``) or one by one
+    (``frame_batches``, which Phase 1 reads); ``train_passes`` is the number of passes a
+    trainer made over the training data.
     """
 
-    train_batches_yielded: int = 0
+    train_frames_read: int = 0
 
     def train_dataloader(self) -> Any:
         loader = super().train_dataloader()
@@ -186,18 +187,25 @@ class CountingCubeDataModule(CubeDataModule):
 
             def __iter__(self) -> Iterator[Any]:
                 for batch in loader:
-                    owner.train_batches_yielded += 1
+                    owner.train_frames_read += int(batch["cube"].shape[0])
                     yield batch
 
         return _Counting()
 
-    @property
-    def train_batches_per_epoch(self) -> int:
-        return len(super().train_dataloader())
+    def frame_batches(self, split: str) -> Iterator[Any] | None:
+        frames = super().frame_batches(split)
+        if frames is None or split != "train":
+            return frames
+        return self._counted(frames)
+
+    def _counted(self, frames: Iterator[Any]) -> Iterator[Any]:
+        for batch in frames:
+            self.train_frames_read += int(batch["cube"].shape[0])
+            yield batch
 
     @property
     def train_passes(self) -> float:
-        return self.train_batches_yielded / self.train_batches_per_epoch
+        return self.train_frames_read / len(self.splits["train"])
 
 
 @pytest.fixture

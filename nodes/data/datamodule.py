@@ -436,6 +436,41 @@ class CubeDataModule(L.LightningDataModule):
             sample["class_mask"] = torch.as_tensor(frame.class_mask, dtype=torch.int64)
         return sample
 
+    def frame_batches(self, split: str) -> Iterator[Batch] | None:
+        """The frames of a split as one-frame batches, in split order, for order-free passes.
+
+        Phase 1 (:class:`~nodes.training.StatisticalTrainer`) reads these instead of
+        :meth:`train_dataloader`: its float64 sums do not depend on how frames are batched, and
+        a one-frame batch is the frame itself (a mapped re-read of a verified ``.npz`` member, a
+        cached or in-memory array), with no copy into a stacked batch; on a 2-vCPU Xeon that
+        copy was a quarter of Phase 1's time from ``.npz``. Each batch holds what a collated
+        batch of one holds (``cube`` (1, H, W, C), ``mask`` (1, H, W), ...); one is alive at a
+        time if the consumer drops each before the next.
+
+        Args:
+            split: Split name.
+
+        Returns:
+            The iterator, or None with ``num_workers > 0`` (reading then stays with the
+            DataLoader's worker processes).
+        """
+        self._require_setup()
+        if split not in self.splits:
+            raise DataValidationError(
+                f"unknown split {split!r}. Fix: use one of {list(self.splits)}."
+            )
+        if self.num_workers > 0:
+            return None
+        return self._frame_batches(self.splits[split])
+
+    def _frame_batches(self, frame_ids: Sequence[int]) -> Iterator[Batch]:
+        for frame_id in frame_ids:
+            sample = self._sample(frame_id)
+            batch = {k: v.unsqueeze(0) for k, v in sample.items()}
+            del sample
+            yield batch
+            del batch
+
     def dataset(self, split: str) -> Dataset[Batch]:
         """Map-style dataset of one split (``"train"``, ``"val"`` or ``"test"``).
 

@@ -14,7 +14,7 @@ definite whatever the optimizer does to the lower triangle (the diagonal enters 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, cast
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,7 +24,14 @@ from nodes.errors import CubelineError
 from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
-from nodes.hardware import cache_size, pool, single_threaded_blas, thread_arrays, worker_count
+from nodes.hardware import (
+    cache_size,
+    gemm_kernel,
+    pool,
+    single_threaded_blas,
+    thread_arrays,
+    worker_count,
+)
 from nodes.training.stats import MomentState
 
 _F64 = torch.float64
@@ -202,43 +209,49 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
 
     The rows are split into a few stripes per worker thread (:func:`nodes.hardware.worker_count`),
     pulled from a queue; each stripe is walked in cache-sized blocks (:func:`_block_rows`, from
-    the L2 size read at run time): the shift (with the conversion, one NumPy op) into one work
-    buffer, one GEMM into the other, one row-wise sum of squares into the output, while the
-    block is in cache. BLAS runs single-threaded inside the workers, so there is no parallel
-    region (and no thread barrier that a busy machine could stall) per op, and no torch op runs
-    on a worker (each would bring up an OpenMP team whose idle threads spin on the same cores).
+    the L2 size read at run time): the shift into one work buffer
+    (:func:`nodes.kernels.shift_block`), one GEMM into the other with the machine's BLAS
+    (:func:`nodes.hardware.gemm_kernel`), the bias and row-wise sum of squares into the output
+    (:func:`nodes.kernels.sum_squares`), while the block is in cache. BLAS runs single-threaded
+    inside the workers (the pool caps OpenMP and MKL per worker, threadpoolctl the rest), so
+    there is no parallel region (and no thread barrier that a busy machine could stall) per op.
     The work buffers are each thread's reused scratch (:func:`nodes.hardware.thread_arrays`).
     """
+    from nodes import kernels  # compiled on first use (see its module doc)
+
     n, c = x.shape
     dtype = w.dtype
     rows = min(n, _block_rows(c, w.element_size()))
     workers = max(1, min(worker_count(), n // max(1, 4 * rows)))
     xd = x.detach()
-    if xd.dtype not in (torch.float16, torch.float32, torch.float64):
-        xd = xd.to(dtype)  # bfloat16 and the like: NumPy has no such dtype
+    if xd.dtype not in (torch.float32, torch.float64):
+        xd = xd.to(torch.float32)  # float16, bfloat16: widened (exact), NumPy has no bfloat16
     xn = xd.contiguous().numpy()
     wt = w.T.contiguous().numpy()
-    mu = mu_hi.detach().to(dtype).numpy()
-    bn = None if bias is None else bias.detach().numpy()
+    # The shift in the wider of the two dtypes, as NumPy's mixed subtract would take it.
+    wide = torch.float64 if torch.float64 in (xd.dtype, dtype) else dtype
+    mu = mu_hi.detach().to(wide).numpy()
+    bn = np.zeros(c, dtype=wt.dtype) if bias is None else bias.detach().numpy()
     blocks = -(-n // rows)
     # A few stripes per worker, pulled from the pool's queue (load balancing on a shared core).
     tasks = 1 if workers == 1 else min(blocks, 4 * workers)
     bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
-
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    out = np.empty(n, dtype=np_dtype)
+    out = np.empty(n, dtype=wt.dtype)
+    mkl = gemm_kernel() == "torch"
+    wt_t = torch.from_numpy(wt)
 
     def stripe(i: int) -> None:
-        dn, zn = thread_arrays("rx.block", (rows, c), np_dtype, count=2)
+        dn, zn = thread_arrays("rx.block", (rows, c), wt.dtype, count=2)
+        dt, zt = torch.from_numpy(dn), torch.from_numpy(zn)
         for start in range(bounds[i], bounds[i + 1], rows):
             stop = min(bounds[i + 1], start + rows)
             k = stop - start
-            np.subtract(xn[start:stop], mu, out=dn[:k])  # NumPy: no torch op on a worker
-            zc = zn[:k]
-            np.matmul(dn[:k], wt, out=zc)
-            if bn is not None:
-                zc += bn
-            np.einsum("ij,ij->i", zc, zc, out=cast(Any, out[start:stop]))
+            kernels.shift_block(xn[start:stop], mu, dn[:k])
+            if mkl:
+                torch.mm(dt[:k], wt_t, out=zt[:k])
+            else:
+                np.matmul(dn[:k], wt, out=zn[:k])
+            kernels.sum_squares(zn[:k], bn, out[start:stop])
 
     if tasks == 1:
         stripe(0)
@@ -246,5 +259,3 @@ def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) ->
         with single_threaded_blas():
             list(pool(workers).map(stripe, range(tasks)))
     return torch.from_numpy(out)
-
-

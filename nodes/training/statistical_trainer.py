@@ -52,7 +52,10 @@ class DataModule(Protocol):
 
     ``val_dataloader()`` too for the initialization check, and ``setup(stage)`` is called first
     where there is one: a Lightning ``LightningDataModule`` such as
-    :class:`~nodes.data.CubeDataModule` is a DataModule.
+    :class:`~nodes.data.CubeDataModule` is a DataModule. Where it also has
+    ``frame_batches(split)`` returning an iterator of one-frame batches, or None, Phase 1 reads
+    that instead: its sums do not depend on how frames are batched, and one-frame batches need
+    no stacking copy (:meth:`nodes.data.CubeDataModule.frame_batches`).
     """
 
     def train_dataloader(self) -> Any:
@@ -363,7 +366,10 @@ class StatisticalTrainer:
         setup = getattr(dm, "setup", None)
         if setup is not None:
             setup("fit" if split == "train" else "validate")
-        loader: Iterable[Mapping[str, Any]] = getattr(dm, f"{split}_dataloader")()
+        frames = getattr(dm, "frame_batches", None)
+        loader: Iterable[Mapping[str, Any]] | None = frames(split) if callable(frames) else None
+        if loader is None:
+            loader = getattr(dm, f"{split}_dataloader")()
         rank, world = _rank_world() if shard else (0, 1)
         count = 0
         # No enumerate(): it keeps its last (index, batch) tuple while fetching the next one,

@@ -6,7 +6,7 @@ returns the float64 column sums and Gram matrix of ``y = x - s`` and the per-cha
 thread; a worker walks each stripe it takes in blocks of :func:`block_rows` pixels, sized from
 the L2 cache the machine reports and the Gram kernel, and per block
 
-1. reads the block once with the compiled loop :func:`nodes.training.stats_kernel.convert_block`:
+1. reads the block once with the compiled loop :func:`nodes.kernels.convert_block`:
    it writes the shifted float64 values into the thread's reused block buffer (the batch is
    never materialized in float64), adds them to the stripe's column sums and folds the raw
    values into the stripe's min/max;
@@ -27,7 +27,6 @@ Cache size and worker count come from :mod:`nodes.hardware`.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 
 from nodes.hardware import (
     cache_size,
-    cpu_vendor,
+    gemm_kernel,
     pool,
     single_threaded_blas,
     thread_arrays,
@@ -81,25 +80,8 @@ Sums = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-#: Environment variable that pins the Gram kernel (``torch`` or ``numpy``) over the default.
-GRAM_KERNEL_ENV = "CUBELINE_GRAM_KERNEL"
-
-
-@functools.cache
-def gram_kernel() -> str:
-    """Which BLAS adds a block's Gram matrix: ``"torch"`` (its MKL ``?gemm``) or ``"numpy"``.
-
-    Chosen once per process from what the machine reports, so that a machine always takes the
-    same kernel (Phase-1 results are bit-for-bit repeatable on it): torch's MKL on an Intel CPU
-    where torch was built with MKL (MKL's ``dgemm`` measured 20 % faster there than OpenBLAS's
-    ``dsyrk`` on the same blocks), NumPy's OpenBLAS ``?syrk`` elsewhere (AMD EPYC, where it was
-    the faster one, and non-MKL builds). ``CUBELINE_GRAM_KERNEL=torch|numpy`` pins it.
-    """
-    pinned = os.environ.get(GRAM_KERNEL_ENV, "").strip().lower()
-    if pinned in ("torch", "numpy"):
-        return pinned
-    mkl = torch.backends.mkl.is_available()
-    return "torch" if mkl and cpu_vendor() == "GenuineIntel" else "numpy"
+#: The Gram kernel: the machine's GEMM library (:func:`nodes.hardware.gemm_kernel`).
+gram_kernel = gemm_kernel
 
 
 def gram_adder(gram: np.ndarray, buf: np.ndarray) -> Callable[[int], None]:
@@ -144,7 +126,7 @@ def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> S
 @functools.cache
 def _convert_block() -> Callable[..., None]:
     """The compiled block loop, imported (and compiled or loaded from cache) on first use."""
-    from nodes.training.stats_kernel import convert_block
+    from nodes.kernels import convert_block
 
     return convert_block
 

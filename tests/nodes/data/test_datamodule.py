@@ -397,3 +397,54 @@ def test_multi_frame_npz_without_masks_takes_coco_labels(
     assert int(val["mask"].sum()) == 6 and int(val["class_mask"].max()) == 2
     (first, second) = list(dm.train_dataloader())
     assert not first["mask"].any() and not second["mask"].any()
+
+
+def test_frame_batches_are_one_frame_batches_in_split_order(session_paths: list[Path]) -> None:
+    dm = _session_dm(session_paths, train_ids=[2, 0, 1], cache_bytes=0)
+    dm.setup()
+    collated = {int(b["frame_id"]): b for b in dm.val_dataloader()}  # frame 3, as collated
+    frames = dm.frame_batches("train")
+    assert frames is not None
+    got = list(frames)
+    assert [int(b["frame_id"]) for b in got] == [2, 0, 1]
+    for b in got:
+        (frame,) = read_frames(session_paths[int(b["frame_id"])], validate=False)
+        np.testing.assert_array_equal(b["cube"][0].numpy(), frame.cube)
+    (val,) = list(dm.frame_batches("val") or ())
+    for key, value in collated[3].items():
+        assert val[key].shape == value.shape and val[key].dtype == value.dtype, key
+        torch.testing.assert_close(val[key], value)
+    with pytest.raises(DataValidationError, match="unknown split"):
+        dm.frame_batches("holdout")
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (``/proc/self/maps``), or None."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(v, 16) for v in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_frame_batches_hand_out_the_mapped_frame_without_a_copy(
+        make_npz: Callable[..., Path]) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        cube = rng.random((128, 128, 20), dtype=np.float32)  # 1.3 MB: re-reads are mapped
+        mask = np.zeros((128, 128), dtype=np.int64)
+        paths.append(make_npz(f"big{i}.npz", cube=cube, mask=mask, class_mask=mask,
+                              wavelengths=np.arange(20)))
+    dm = CubeDataModule(paths, train_ids=[0, 1], val_ids=[1], test_ids=[1], batch_size=2,
+                        cache_bytes=0)
+    dm.setup()
+    for b in dm.frame_batches("train") or ():
+        # The cube lies in a mapping of its own file (the page cache), not in a stacked copy.
+        assert _mapped_file(b["cube"].data_ptr()) == str(paths[int(b["frame_id"])])
+    workers = CubeDataModule(paths, train_ids=[0, 1], val_ids=[1], test_ids=[1], batch_size=2,
+                             num_workers=1)
+    workers.setup()
+    assert workers.frame_batches("train") is None  # reading stays with the loader's workers

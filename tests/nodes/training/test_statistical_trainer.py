@@ -86,8 +86,7 @@ def test_affine_chain_is_fitted_in_one_data_pass(make_dm: Callable[..., Any], cu
     dm = make_dm(train_ids=[0, 1, 2, 5], batch_size=3)
     pipe = _chain(cubes.channels)
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
-    assert dm.train_batches_per_epoch == 2
-    assert dm.train_batches_yielded == 2  # every batch read exactly once
+    assert dm.train_frames_read == len(dm.splits["train"])  # every frame read exactly once
     assert dm.train_passes == 1
     assert report.passes == 1
     assert report.fitted == ["norm", "sel", "rx"]
@@ -97,13 +96,30 @@ def test_affine_chain_is_fitted_in_one_data_pass(make_dm: Callable[..., Any], cu
     assert all(n.is_initialized for n in pipe.node_list())
 
 
+def test_frame_batches_and_loader_batches_fit_the_same_state(make_dm: Callable[..., Any],
+                                                            cubes: Any) -> None:
+    """Phase 1 reads one-frame batches where the data module offers them; same state either way."""
+    frames_dm = make_dm(train_ids=[0, 1, 2, 5], batch_size=3)
+    loader_dm = make_dm(train_ids=[0, 1, 2, 5], batch_size=3)
+    loader_dm.frame_batches = lambda split: None  # a data module without one-frame batches
+    states = []
+    for dm in (frames_dm, loader_dm):
+        pipe = _chain(cubes.channels)
+        StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
+        states.append(pipe.state_dict())
+        assert dm.train_passes == 1
+    for key, value in states[0].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, states[1][key], rtol=1e-12, atol=1e-12)
+
+
 def test_a_node_behind_a_non_affine_node_needs_a_second_pass(
     make_dm: Callable[..., Any], cubes: Any
 ) -> None:
     dm = make_dm(train_ids=[0, 1, 2], batch_size=2)
     pipe = _chain(cubes.channels, head=True)
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
-    assert dm.train_batches_yielded == 2 * dm.train_batches_per_epoch
+    assert dm.train_frames_read == 2 * len(dm.splits["train"])
     assert report.passes == 2
     assert report.fitted == ["norm", "sel", "rx", "head"]
     assert report.plan["head"] == ("rx.scores", [])
@@ -144,7 +160,7 @@ def test_pipeline_without_statistical_nodes_reads_nothing(make_dm: Callable[...,
     pipe.connect((AnomalyDataNode().cube, MinMaxNormalizer(use_running_stats=False).data))
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
     assert report.passes == 0 and report.fitted == []
-    assert dm.train_batches_yielded == 0
+    assert dm.train_frames_read == 0
 
 
 def test_refit_false_skips_initialized_nodes(make_dm: Callable[..., Any], cubes: Any) -> None:
@@ -153,7 +169,7 @@ def test_refit_false_skips_initialized_nodes(make_dm: Callable[..., Any], cubes:
     mu = _rx(pipe).mu.clone()
     dm2 = make_dm(train_ids=[3, 4])
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm2, refit=False).fit()
-    assert report.passes == 0 and dm2.train_batches_yielded == 0
+    assert report.passes == 0 and dm2.train_frames_read == 0
     assert torch.equal(_rx(pipe).mu, mu)
     StatisticalTrainer(pipeline=pipe, datamodule=dm2).fit()  # refit (default) refits
     assert not torch.equal(_rx(pipe).mu, mu)
@@ -350,16 +366,16 @@ def test_fit_on_the_bundled_session_one_pass(session_paths: list[Any]) -> None:
     from nodes import CubeDataModule
 
     class _Counting(CubeDataModule):
-        yielded = 0
+        read = 0
 
-        def train_dataloader(self) -> Any:
-            for batch in super().train_dataloader():
-                type(self).yielded += 1
+        def frame_batches(self, split: str) -> Iterator[Any]:
+            for batch in super().frame_batches(split) or ():
+                type(self).read += split == "train"
                 yield batch
 
     dm = _Counting(session_paths, train_ids=[0, 1, 2], val_ids=[3], test_ids=[4], batch_size=2)
     pipe = _chain(205, n_select=10, eps=1e-6)
     report = StatisticalTrainer(pipeline=pipe, datamodule=dm).fit()
-    assert report.passes == 1 and _Counting.yielded == 2
+    assert report.passes == 1 and _Counting.read == 3  # .mat frames, each read once
     assert report.pixels == 3 * 100 * 100
     assert _rx(pipe).is_initialized

@@ -104,7 +104,7 @@ def test_accumulator_matches_reference_on_large_batch_float64_input() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_block_kernel_converts_sums_and_folds_extremes(dtype: type) -> None:
-    from nodes.training.stats_kernel import convert_block
+    from nodes.kernels import convert_block
 
     rng = np.random.default_rng(0)
     shift = rng.normal(size=5)
@@ -187,8 +187,8 @@ def test_thread_arrays_are_aligned_kept_and_per_thread() -> None:
 @pytest.mark.parametrize("kernel", ["torch", "numpy"])
 def test_both_gram_kernels_match_the_reference(monkeypatch: pytest.MonkeyPatch,
                                                kernel: str) -> None:
-    monkeypatch.setenv(sb.GRAM_KERNEL_ENV, kernel)
-    sb.gram_kernel.cache_clear()
+    monkeypatch.setenv(hardware.GEMM_KERNEL_ENV, kernel)
+    hardware.gemm_kernel.cache_clear()
     try:
         assert sb.gram_kernel() == kernel
         rng = np.random.default_rng(4)
@@ -201,18 +201,18 @@ def test_both_gram_kernels_match_the_reference(monkeypatch: pytest.MonkeyPatch,
             assert lo is not None and hi is not None
             np.testing.assert_array_equal(lo, x.min(axis=0))
     finally:
-        sb.gram_kernel.cache_clear()
+        hardware.gemm_kernel.cache_clear()
 
 
 def test_gram_kernel_follows_the_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(sb.GRAM_KERNEL_ENV, raising=False)
-    sb.gram_kernel.cache_clear()
+    monkeypatch.delenv(hardware.GEMM_KERNEL_ENV, raising=False)
+    hardware.gemm_kernel.cache_clear()
     try:
         want = ("torch" if torch.backends.mkl.is_available()
                 and hardware.cpu_vendor() == "GenuineIntel" else "numpy")
         assert sb.gram_kernel() == want
     finally:
-        sb.gram_kernel.cache_clear()
+        hardware.gemm_kernel.cache_clear()
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
     assert hardware.cpu_vendor(info) == "AuthenticAMD"
