@@ -86,8 +86,12 @@ def undecided_versions(root: Path) -> list[str]:
 
 
 def tree(root: Path) -> set[str]:
-    """Relative paths of the files under ``root`` (``.git`` left out)."""
+    """Relative paths of the files under ``root``.
+
+    ``.git`` and ``__pycache__`` are left out: the latter holds Python's and Numba's compiled
+    caches (``nodes/kernels.py`` caches its loops there on first use), not outputs of a run.
+    """
     return {
         str(p.relative_to(root)) for p in root.rglob("*")
-        if p.is_file() and ".git" not in p.relative_to(root).parts
+        if p.is_file() and not {".git", "__pycache__"} & set(p.relative_to(root).parts)
     }
