@@ -72,6 +72,23 @@ def cache_size(level: int = 2, root: Path = _SYSFS_CACHE) -> int:
     return FALLBACK_CACHE_BYTES.get(level, FALLBACK_CACHE_BYTES[2])
 
 
+def rows_in_cache(bytes_per_row: int, l2_share: float, min_rows: int,
+                  l2_bytes: int | None = None) -> int:
+    """Block size of the blocked CPU loops: rows of ``bytes_per_row`` in ``l2_share`` of L2.
+
+    A multiple of 64, at least ``min_rows``.
+
+    Args:
+        bytes_per_row: Bytes one row takes in the block's buffers.
+        l2_share: Share of L2 (may exceed 1).
+        min_rows: Fewest rows.
+        l2_bytes: L2 size; default :func:`cache_size` of level 2.
+    """
+    l2 = cache_size(2) if l2_bytes is None else l2_bytes
+    rows = int(l2 * l2_share) // max(1, bytes_per_row)
+    return max(min_rows, rows // 64 * 64)
+
+
 @functools.cache
 def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU vendor string the kernel reports (``GenuineIntel``, ``AuthenticAMD``...), or ""."""

@@ -25,9 +25,9 @@ from nodes.graph.base import Node, unfitted
 from nodes.graph.ports import PortSpec
 from nodes.graph.registry import register_node
 from nodes.hardware import (
-    cache_size,
     gemm_kernel,
     pool,
+    rows_in_cache,
     single_threaded_blas,
     thread_arrays,
     worker_count,
@@ -208,8 +208,7 @@ def _block_rows(c: int, itemsize: int) -> int:
     """
     if _BLOCK_BYTES is not None:
         return max(1, _BLOCK_BYTES // max(1, c * itemsize))
-    rows = int(cache_size(2) * _L2_SHARE[gemm_kernel()]) // (2 * c * itemsize)
-    return max(_MIN_BLOCK_ROWS, rows // 64 * 64)
+    return rows_in_cache(2 * c * itemsize, _L2_SHARE[gemm_kernel()], _MIN_BLOCK_ROWS)
 
 
 def _score_rows_cpu(x: Tensor, w: Tensor, mu_hi: Tensor, bias: Tensor | None) -> Tensor:

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from nodes.hardware import (
-    cache_size,
     gemm_kernel,
     pool,
+    rows_in_cache,
     single_threaded_blas,
     thread_arrays,
     worker_count,
@@ -67,10 +67,8 @@ def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None,
     Returns:
         Rows per block, a multiple of 64 and at least :data:`MIN_BLOCK_ROWS`.
     """
-    l2 = cache_size(2) if l2_bytes is None else l2_bytes
-    per_row = channels * 8 + channels * in_itemsize
-    rows = int(l2 * L2_SHARE[kernel or gram_kernel()]) // max(1, per_row)
-    return max(MIN_BLOCK_ROWS, rows // 64 * 64)
+    return rows_in_cache(channels * (8 + in_itemsize), L2_SHARE[kernel or gram_kernel()],
+                         MIN_BLOCK_ROWS, l2_bytes)
 
 
 Sums = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
