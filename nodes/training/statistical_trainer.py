@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from nodes.errors import CubelineError, DataValidationError, PipelineError
 from nodes.graph.base import Node
@@ -236,11 +237,15 @@ def accumulate_pass(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]], ro
     """Fold ``batches`` into float64 moments at each root port (one pass, this process only).
 
     The building block of Phase 1, also run by shard workers on their share of the frames.
+    Where ``batches`` is a :class:`BatchStream` of fresh batches, small ones (one frame) are
+    held and summed several at a time (:class:`~nodes.training.stats.MomentAccumulator`'s
+    ``gather``).
     """
     mask_key = _mask_key(pipeline)
     wanted = list(roots) + ([mask_key] if options.normal_only and mask_key else [])
     gen = torch.Generator().manual_seed(options.seed)
     accs: dict[str, MomentAccumulator] = {}
+    gather = bool(getattr(batches, "fresh", False))
     with torch.no_grad():
         for batch in batches:
             out = pipeline.forward(batch, stage="train", outputs=wanted)
@@ -251,11 +256,12 @@ def accumulate_pass(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]], ro
                     x = x[keep]
                 if root not in accs:
                     accs[root] = MomentAccumulator(x.shape[1], device=x.device,
-                                                   chunk=options.chunk_pixels)
+                                                   chunk=options.chunk_pixels, gather=gather)
                 accs[root].update(x)
                 del x
             # drop this batch and its outputs before the loader builds the next one, so at
-            # most one batch is alive at a time (peak memory flat in the number of batches)
+            # most one batch is alive at a time, besides small ones held by gather (peak
+            # memory flat in the number of batches)
             del batch, out, keep
     return {
         root: accs[root].finalize() if root in accs
@@ -263,6 +269,24 @@ def accumulate_pass(pipeline: Pipeline, batches: Iterable[Mapping[str, Any]], ro
         else MomentState.empty(_width_of(pipeline, root), device=device)
         for root in roots
     }
+
+
+class BatchStream:
+    """One pass of batches, and whether each is a fresh object that later ones never overwrite.
+
+    Args:
+        batches: The batches (iterated once).
+        fresh: True where the source hands out new tensors per batch (a data module's frames,
+            a torch ``DataLoader``); a pass may then hold small batches and sum several at
+            once (:class:`~nodes.training.stats.MomentAccumulator`'s ``gather``).
+    """
+
+    def __init__(self, batches: Iterable[Mapping[str, Any]], *, fresh: bool) -> None:
+        self._batches = batches
+        self.fresh = fresh
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self._batches)
 
 
 class StatisticalTrainer:
@@ -359,7 +383,7 @@ class StatisticalTrainer:
             current = src
 
     # --------------------------------------------------------------- running
-    def _batches(self, split: str, *, shard: bool = False) -> Iterator[dict[str, Any]]:
+    def _batches(self, split: str, *, shard: bool = False) -> BatchStream:
         dm = self.datamodule
         if dm is None:
             raise PipelineError("this StatisticalTrainer has no datamodule to read batches from")
@@ -368,9 +392,18 @@ class StatisticalTrainer:
             setup("fit" if split == "train" else "validate")
         frames = getattr(dm, "frame_batches", None)
         loader: Iterable[Mapping[str, Any]] | None = frames(split) if callable(frames) else None
+        # Batches a later one never overwrites: a data module's own frames, or a torch
+        # DataLoader's collated (new) tensors. Passes may then sum a batch while the next is
+        # read (MomentAccumulator's gather); any other iterable might reuse its buffers.
+        fresh = loader is not None
         if loader is None:
             loader = getattr(dm, f"{split}_dataloader")()
+            fresh = isinstance(loader, DataLoader)
         rank, world = _rank_world() if shard else (0, 1)
+        return BatchStream(self._iterate(loader, split, rank, world), fresh=fresh)
+
+    def _iterate(self, loader: Iterable[Mapping[str, Any]], split: str, rank: int, world: int
+                 ) -> Iterator[dict[str, Any]]:
         count = 0
         # No enumerate(): it keeps its last (index, batch) tuple while fetching the next one,
         # and no reference is held while the consumer works or the loader builds the next
@@ -570,8 +603,10 @@ class StatisticalTrainer:
                     x, sc = x[keep], sc[keep]
                 x = x[sc <= thresholds[n]]
                 if n not in accs:
+                    # x is a new (boolean-indexed) tensor: it may be held and summed with
+                    # the next ones
                     accs[n] = MomentAccumulator(x.shape[1], device=x.device,
-                                                chunk=self.chunk_pixels)
+                                                chunk=self.chunk_pixels, gather=True)
                 accs[n].update(x)
             del out, keep, x, sc
         trimmed: dict[str, MomentState] = {}

@@ -20,9 +20,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from nodes.training.stats_blocked import blocked_sums
+from nodes.training.stats_blocked import blocked_sums, gather_rows
 
 _F64 = torch.float64
+#: A batch's ``(sum y, y^T y, min x, max x)`` as float64 tensors (min/max None if not tracked).
+TensorSums = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 
 
 
@@ -217,6 +219,14 @@ class MomentAccumulator:
         track_minmax: Also track per-channel min/max.
         fused: Use the fused Triton kernel for CUDA samples where it is available; False keeps
             the torch path (chunked float64 GEMMs).
+        gather: On the CPU, hold batches smaller than one call's worth of work
+            (:func:`nodes.training.stats_blocked.gather_rows`, e.g. one 256 x 256 frame) and
+            sum them together once they make one, in one blocked pass over all of them (none is
+            copied); reading the state sums what is held. Each call costs the worker threads
+            a wake-up and the caller a merge, about 1 ms on a 2-vCPU Xeon. The caller must not
+            write a batch after handing it to ``update`` (fresh batches from a loader are
+            fine); the held batches stay alive until summed. Phase 1's passes turn it on for
+            loaders known to hand out fresh batches.
     """
 
     def __init__(
@@ -227,15 +237,31 @@ class MomentAccumulator:
         chunk: int | None = None,
         track_minmax: bool = True,
         fused: bool = True,
+        gather: bool = False,
     ) -> None:
         self.num_channels = num_channels
         self.chunk = chunk
         self.track_minmax = track_minmax
         self.fused = fused
-        self.state = MomentState.empty(num_channels, device=device)
+        self.gather = gather
+        # CPU batches held back to be summed together (gather only), and their pixel count.
+        self._held: list[Tensor] = []
+        self._held_rows = 0
+        self._state = MomentState.empty(num_channels, device=device)
         self._buf: Tensor | None = None
         # (state, its sample count) as last set by update: spares a device read of n.
-        self._count: tuple[MomentState, int] | None = (self.state, 0)
+        self._count: tuple[MomentState, int] | None = (self._state, 0)
+
+    @property
+    def state(self) -> MomentState:
+        """The accumulated state (sums the batches held back by ``gather`` first)."""
+        self._sum_held()
+        return self._state
+
+    @state.setter
+    def state(self, value: MomentState) -> None:
+        self._sum_held()
+        self._state = value
 
     def update(self, x: Tensor) -> None:
         """Fold samples ``x`` of shape (N, C) (any float dtype) into the state."""
@@ -245,37 +271,60 @@ class MomentAccumulator:
             )
         if x.shape[0] == 0:
             return
+        if self.gather and x.device.type == "cpu":
+            self._held.append(x.detach())
+            self._held_rows += x.shape[0]
+            if self._held_rows >= gather_rows(self.num_channels, x.element_size()):
+                self._sum_held()
+            return
+        self._sum_held()
         known = self._known_count()
-        if x.device != self.state.mean.device:
-            self.state = self.state.to(x.device)
+        if x.device != self._state.mean.device:
+            self._state = self._state.to(x.device)
         shift = self._shift(x, known)
         n = x.shape[0]
         fused = _fused_backend() if x.is_cuda and self.fused else None
         if fused is not None and fused.supports(x):
             # One read of x; the batch's state is built and merged on the device (no host sync).
-            self.state = MomentState(*fused.fold(self.state._tensors(), x.detach(), shift,
-                                                 track_minmax=self.track_minmax))
-            self._count = None if known is None else (self.state, known + n)
+            self._state = MomentState(*fused.fold(self._state._tensors(), x.detach(), shift,
+                                                  track_minmax=self.track_minmax))
+            self._count = None if known is None else (self._state, known + n)
             return
         if x.device.type == "cpu":
-            ysum, gram, lo, hi = self._cpu_sums(x.detach().contiguous(), shift)
+            self._merge_sums(self._cpu_sums([x], shift), n, shift)
         else:
-            ysum, gram, lo, hi = self._torch_sums(x.detach(), shift)
+            self._merge_sums(self._torch_sums(x.detach(), shift), n, shift)
+
+    def _sum_held(self) -> None:
+        """Sum the batches held back by ``gather`` in one blocked pass and merge them."""
+        if not self._held:
+            return
+        held, n = self._held, self._held_rows
+        self._held, self._held_rows = [], 0
+        if self._state.mean.device.type != "cpu":
+            self._state = self._state.to("cpu")
+        shift = self._shift(held[0], self._known_count())
+        self._merge_sums(self._cpu_sums(held, shift), n, shift)
+
+    def _merge_sums(self, sums: TensorSums, n: int, shift: Tensor) -> None:
+        """Merge ``n`` samples, given their sums of ``x - shift``, into the state."""
+        ysum, gram, lo, hi = sums
+        known = self._known_count()
         ybar = ysum / n
         m2 = gram - torch.outer(ybar, ybar) * n
         c = self.num_channels
         batch = MomentState(
             # torch.full, not torch.tensor: a host-to-device copy would wait for the GPU.
-            n=torch.full((), float(n), dtype=_F64, device=x.device),
+            n=torch.full((), float(n), dtype=_F64, device=shift.device),
             mean=shift + ybar,
             m2=(m2 + m2.T) * 0.5,
             min=lo if lo is not None else torch.full((c,), float("inf"), dtype=_F64,
-                                                     device=x.device),
+                                                     device=shift.device),
             max=hi if hi is not None else torch.full((c,), float("-inf"), dtype=_F64,
-                                                     device=x.device),
+                                                     device=shift.device),
         )
-        self.state = self.state.merge(batch)
-        self._count = None if known is None else (self.state, known + n)
+        self._state = self._state.merge(batch)
+        self._count = None if known is None else (self._state, known + n)
 
     def _known_count(self) -> int | None:
         """Samples in the state, where the host knows them without reading the device.
@@ -295,15 +344,13 @@ class MomentAccumulator:
         choice is made on the device (no host sync).
         """
         if known is not None and known > 0:
-            return self.state.mean
+            return self._state.mean
         head = x[: min(x.shape[0], 4096)].to(_F64).mean(dim=0)
         if known == 0:
             return head
-        return torch.where(self.state.n > 0, self.state.mean, head)
+        return torch.where(self._state.n > 0, self._state.mean, head)
 
-    def _torch_sums(
-        self, x: Tensor, shift: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _torch_sums(self, x: Tensor, shift: Tensor) -> TensorSums:
         """Column sums, Gram matrix and min/max of ``x - shift`` in float64 chunks (CUDA).
 
         Per chunk: one kernel shifts and converts into a reused contiguous float64 buffer, one
@@ -332,16 +379,14 @@ class MomentAccumulator:
         return (ysum, gram,
                 None if lo is None else lo.to(_F64), None if hi is None else hi.to(_F64))
 
-    def _cpu_sums(
-        self, x: Tensor, shift: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Column sums, Gram matrix and min/max of ``x - shift`` in float64, on the CPU.
+    def _cpu_sums(self, xs: list[Tensor], shift: Tensor) -> TensorSums:
+        """Column sums, Gram matrix and min/max of ``x - shift`` over batches ``xs`` (CPU).
 
         One blocked pass over cache-sized pixel blocks, split over worker threads
         (:func:`nodes.training.stats_blocked.blocked_sums`); ``chunk``, where given, is the
         block size in pixels.
         """
-        ysum, gram, lo, hi = blocked_sums(x, shift, track_minmax=self.track_minmax,
+        ysum, gram, lo, hi = blocked_sums(xs, shift, track_minmax=self.track_minmax,
                                           rows=self.chunk)
         return (torch.from_numpy(ysum), torch.from_numpy(gram),
                 None if lo is None else torch.from_numpy(lo),
@@ -360,7 +405,8 @@ class MomentAccumulator:
     finalize = compute
 
     def reset(self) -> None:
-        """Back to no samples (same channels and device)."""
+        """Back to no samples (same channels and device); held batches are dropped."""
+        self._held, self._held_rows = [], 0
         self.state = MomentState.empty(self.num_channels, device=self.state.mean.device)
         self._count = (self.state, 0)
 

@@ -1,16 +1,17 @@
 """Phase-1 sums on the CPU in one blocked pass: pixel blocks over worker threads.
 
-For a batch ``x`` (N, C) of any float dtype and a float64 shift ``s`` (C,), :func:`blocked_sums`
-returns the float64 column sums and Gram matrix of ``y = x - s`` and the per-channel min/max of
-``x``, reading ``x`` once. The rows are split into a few contiguous stripes per worker
-thread; a worker walks each stripe it takes in blocks of :func:`block_rows` pixels, sized from
-the L2 cache the machine reports and the Gram kernel, and per block
+For a batch ``x`` (N, C) of any float dtype, or several batches summed as one, and a float64
+shift ``s`` (C,), :func:`blocked_sums` returns the float64 column sums and Gram matrix of
+``y = x - s`` and the per-channel min/max of ``x``, reading ``x`` once. Each batch is cut into
+equal blocks of at most :func:`block_rows` pixels (sized from the L2 cache the machine reports
+and the Gram kernel), as many as a multiple of the worker threads; the blocks are dealt into a
+few stripes per worker, and a worker walks each stripe it takes block by block:
 
-1. reads the block once with the compiled loop :func:`nodes.kernels.convert_block`:
+1. it reads the block once with the compiled loop :func:`nodes.kernels.convert_block`:
    it writes the shifted float64 values into the thread's reused block buffer (the batch is
    never materialized in float64), adds them to the stripe's column sums and folds the raw
    values into the stripe's min/max;
-2. adds the block's Gram matrix with the kernel :func:`gram_kernel` picks for the machine
+2. it adds the block's Gram matrix with the kernel :func:`gram_kernel` picks for the machine
    (:func:`gram_adder`).
 
 Both steps run without the GIL, so the workers run side by side; the loop makes no torch call
@@ -18,16 +19,22 @@ that could start an OpenMP team (the pool's workers cap theirs at one thread any
 :func:`nodes.hardware.pool`).
 
 Every stripe has its own accumulators; since all use the same shift, the stripes' sums add up
-exactly as the blocks of one worker do, and the caller merges the batch into its state with the
-Chan et al. formula. While workers run, BLAS is capped at one thread per worker
+(in stripe order, so the result does not depend on which worker took which) exactly as the
+blocks of one worker do, and the caller merges them into its state with the Chan et al.
+formula. While workers run, BLAS is capped at one thread per worker
 (:func:`nodes.hardware.single_threaded_blas`), so the threads do not oversubscribe the cores.
 Cache size and worker count come from :mod:`nodes.hardware`.
+
+A call costs a wake-up of the workers and a merge, about 1 ms on a 2-vCPU Xeon, whatever its
+size: a caller with small batches (one frame) sums several per call (:func:`gather_rows`,
+:class:`~nodes.training.stats.MomentAccumulator`'s ``gather``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,11 +80,6 @@ def block_rows(channels: int, in_itemsize: int = 4, l2_bytes: int | None = None,
 
 Sums = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
-#: Input dtypes the compiled block loop reads; others (float16, bfloat16) are converted to float32
-#: first.
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
 #: The Gram kernel: the machine's GEMM library (:func:`nodes.hardware.gemm_kernel`).
 gram_kernel = gemm_kernel
 
@@ -101,18 +103,25 @@ def gram_adder(gram: np.ndarray, buf: np.ndarray) -> Callable[[int], None]:
     return add_mkl if gram_kernel() == "torch" else add_syrk
 
 
-def _stripe_sums(x: np.ndarray, shift: np.ndarray, rows: int, minmax: bool) -> Sums:
-    """Column sums, Gram matrix and min/max of one stripe, block by block (see module doc)."""
-    n, c = x.shape
+def _stripe_sums(blocks: Sequence[np.ndarray], shift: np.ndarray, rows: int, minmax: bool
+                 ) -> Sums:
+    """Column sums, Gram matrix and min/max of a stripe of blocks (see module doc).
+
+    Args:
+        blocks: Pixel blocks (k, C) of at most ``rows`` rows each, one dtype.
+        shift: Float64 reference point (C,).
+        rows: Rows of the largest block (the thread's float64 buffer).
+        minmax: Return the min and max too.
+    """
+    c = blocks[0].shape[1]
     (b_all,) = thread_arrays("moments.block", (rows, c), np.float64)
     gram = np.zeros((c, c))
     ysum = np.zeros(c)
-    lo = np.full(c, np.inf, dtype=x.dtype)
-    hi = np.full(c, -np.inf, dtype=x.dtype)
+    lo = np.full(c, np.inf, dtype=blocks[0].dtype)
+    hi = np.full(c, -np.inf, dtype=blocks[0].dtype)
     add_gram = gram_adder(gram, b_all)
     convert = _convert_block()
-    for start in range(0, n, rows):
-        xb = x[start : start + rows]
+    for xb in blocks:
         k = xb.shape[0]
         convert(xb, shift, b_all[:k], ysum, lo, hi)
         add_gram(k)
@@ -129,51 +138,106 @@ def _convert_block() -> Callable[..., None]:
     return convert_block
 
 
-def blocked_sums(x: torch.Tensor, shift: torch.Tensor, *, track_minmax: bool = True,
-                 rows: int | None = None, workers: int | None = None) -> Sums:
+def gather_rows(channels: int, in_itemsize: int = 4, workers: int | None = None) -> int:
+    """Pixels worth one call of :func:`blocked_sums`: fewer are better summed together.
+
+    Each call costs the workers a wake-up, a wait for the slowest and the caller a merge
+    (about 1 ms on a 2-vCPU Xeon); with :data:`STRIPES_PER_WORKER` stripes of two blocks per
+    worker that stays a few per cent of the call. At most :data:`GATHER_MAX_BYTES` of input.
+    """
+    w = workers or worker_count()
+    rows = 2 * w * STRIPES_PER_WORKER * block_rows(channels, in_itemsize)
+    return max(1, min(rows, GATHER_MAX_BYTES // (channels * in_itemsize)))
+
+
+#: Most input bytes that :func:`gather_rows` lets a caller hold back to sum together.
+GATHER_MAX_BYTES = 64 << 20
+
+
+def _blocks(x: np.ndarray, rows: int, multiple: int) -> list[np.ndarray]:
+    """``x`` cut into equal blocks of at most ``rows`` rows, as many as a multiple of ``multiple``.
+
+    Equal blocks, so that no worker waits at the end of a call on one that got a short last
+    block (one 256 x 256 frame is 6 blocks of at most 11456 rows at C = 61 here).
+    """
+    n = x.shape[0]
+    need = -(-n // rows)  # blocks of at most ``rows``
+    count = -(-need // multiple) * multiple
+    size = -(-n // count)
+    return [x[i : i + size] for i in range(0, n, size)]
+
+
+def blocked_sums(x: torch.Tensor | Sequence[torch.Tensor], shift: torch.Tensor, *,
+                 track_minmax: bool = True, rows: int | None = None,
+                 workers: int | None = None) -> Sums:
     """Float64 ``(sum y, y^T y, min x, max x)`` of ``y = x - shift`` in one blocked pass.
 
     Args:
-        x: Samples (N, C) on the CPU, any float dtype; read once, never copied whole (unless
-            not contiguous).
+        x: Samples (N, C) on the CPU, any float dtype, or several such batches, summed as one
+            (each is cut into blocks of its own: no batch is copied to join the others). Each
+            is read once, never copied whole (unless not contiguous).
         shift: Float64 reference point (C,) subtracted before the sums.
         track_minmax: Also return the per-channel min and max of ``x`` (else None, None).
-        rows: Pixels per block; default :func:`block_rows` from the L2 size.
+        rows: Pixels per block at most; default :func:`block_rows` from the L2 size.
         workers: Threads; default :func:`nodes.hardware.worker_count`, fewer where stripes
             would be small.
 
     Returns:
         ``(ysum (C,), gram (C, C), lo (C,) or None, hi (C,) or None)``, all float64.
     """
-    n, c = x.shape
-    x = x.detach()
-    if x.dtype not in _KERNEL_DTYPES:  # float16, bfloat16: widened to float32 (exact)
-        x = x.float()
-    rows = rows or block_rows(c, x.element_size())
-    xn = x.contiguous().numpy()
-    rows = max(1, min(rows, n))
+    parts = [t.detach() for t in ([x] if isinstance(x, torch.Tensor) else x)]
+    parts = [t for t in parts if t.shape[0]]
+    if not parts:
+        raise ValueError("blocked_sums needs at least one sample")
+    # One dtype for every block: float64 if any batch has it, else float32 (both exact).
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in parts) else torch.float32
+    arrays = [t.to(wide).contiguous().numpy() for t in parts]
+    n = sum(a.shape[0] for a in arrays)
+    c = arrays[0].shape[1]
+    rows = max(1, rows or block_rows(c, arrays[0].itemsize))
     s = shift.detach().to(torch.float64).contiguous().numpy()
     w = max(1, min(workers or worker_count(), n // MIN_STRIPE_ROWS))
+    blocks = [b for a in arrays for b in _blocks(a, rows, w)]
+    rows = max(b.shape[0] for b in blocks)
     _convert_block()  # load (or compile) it here, before the workers would all wait for it
     if w == 1:
-        return _stripe_sums(xn, s, rows, track_minmax)
-    # Stripes on block boundaries, so the blocks are the same whatever the worker count; a few
-    # stripes per worker, pulled from the pool's queue, so that a worker whose core is shared
-    # with another process takes fewer of them instead of holding the whole batch back.
-    blocks = -(-n // rows)
-    tasks = min(blocks, w * STRIPES_PER_WORKER)
-    bounds = [min(n, (blocks * i // tasks) * rows) for i in range(tasks + 1)]
+        return _stripe_sums(blocks, s, rows, track_minmax)
+    # A few stripes of whole blocks per worker, pulled one at a time, so that a worker whose
+    # core is shared with another process takes fewer of them instead of holding the whole
+    # call back. One pool task per worker pulls them (a task per stripe cost the caller up to
+    # ~1 ms per call in wake-ups). The stripes are added up in their order, so the result does
+    # not depend on which worker took which.
+    # As many stripes per worker as divide the blocks evenly (blocks come in multiples of w):
+    # a stripe of one block more than the others kept a worker busy while the rest waited.
+    # (A batch of fewer rows than blocks may leave an odd count: then plain even stripes.)
+    per_worker = next((k for k in range(min(STRIPES_PER_WORKER, len(blocks) // w), 0, -1)
+                       if len(blocks) % (w * k) == 0), None)
+    tasks = w * per_worker if per_worker else min(len(blocks), w * STRIPES_PER_WORKER)
+    stripes = [blocks[len(blocks) * i // tasks : len(blocks) * (i + 1) // tasks]
+               for i in range(tasks)]
+    order = iter(range(tasks))
+    lock = threading.Lock()
+
+    def take_stripes() -> list[tuple[int, Sums]]:
+        done: list[tuple[int, Sums]] = []
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return done
+            done.append((i, _stripe_sums(stripes[i], s, rows, track_minmax)))
+
     with single_threaded_blas():
-        parts = list(pool(w).map(
-            lambda i: _stripe_sums(xn[bounds[i] : bounds[i + 1]], s, rows, track_minmax),
-            range(tasks)))
-    ysum = parts[0][0]
-    gram = parts[0][1]
-    for p in parts[1:]:
+        futures = [pool(w).submit(take_stripes) for _ in range(w)]
+        results = sorted((r for f in futures for r in f.result()), key=lambda r: r[0])
+    sums = [r[1] for r in results]
+    ysum = sums[0][0]
+    gram = sums[0][1]
+    for p in sums[1:]:
         ysum += p[0]
         gram += p[1]
     if not track_minmax:
         return ysum, gram, None, None
-    lo = np.minimum.reduce([p[2] for p in parts if p[2] is not None])
-    hi = np.maximum.reduce([p[3] for p in parts if p[3] is not None])
+    lo = np.minimum.reduce([p[2] for p in sums if p[2] is not None])
+    hi = np.maximum.reduce([p[3] for p in sums if p[3] is not None])
     return ysum, gram, lo, hi

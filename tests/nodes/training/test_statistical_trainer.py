@@ -334,6 +334,68 @@ def test_one_batch_alive_at_a_time_during_a_pass() -> None:
     assert alive_when_next_built == [False, False, False]
 
 
+def test_loader_that_reuses_its_buffer_is_summed_batch_by_batch() -> None:
+    """An iterable of our own may overwrite its last batch: no overlap for it, exact state."""
+    frames = [torch.rand(2, 128, 128, 12, generator=torch.Generator().manual_seed(i)) * 100
+              for i in range(4)]
+
+    class _Reusing:
+        def setup(self, stage: str) -> None:
+            pass
+
+        def train_dataloader(self) -> Iterator[dict[str, torch.Tensor]]:
+            buf = torch.empty(2, 128, 128, 12)  # 32768 pixels: summed on the worker threads
+            for f in frames:
+                buf.copy_(f)
+                yield {"cube": buf, "mask": torch.zeros(2, 128, 128, dtype=torch.bool)}
+
+    trainer = StatisticalTrainer(pipeline=_rx_only(), datamodule=_Reusing())
+    assert trainer._batches("train").fresh is False
+    report = trainer.fit()
+    x = torch.cat(frames).reshape(-1, 12).double()
+    m = report.root_moments["data.cube"]
+    assert _rel(m.mean, x.mean(0)) <= 1e-12
+    assert _rel(m.m2, (x - x.mean(0)).T @ (x - x.mean(0))) <= 1e-12
+
+
+def test_fresh_batch_sources_are_gathered_within_the_bound() -> None:
+    """DataLoader batches are new tensors: small ones are held and summed several at a time,
+    never more than one call's worth (gather_rows) besides the batch being built."""
+    from torch.utils.data import DataLoader
+
+    from nodes.training.stats_blocked import gather_rows
+
+    alive: list[int] = []
+    refs: list[weakref.ref[torch.Tensor]] = []
+    frames = [torch.rand(128, 128, 12, generator=torch.Generator().manual_seed(i))
+              for i in range(6)]
+
+    def collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        alive.append(sum(r() is not None for r in refs))
+        cube = torch.stack(items)
+        refs.append(weakref.ref(cube))
+        return {"cube": cube, "mask": torch.zeros(2, 128, 128, dtype=torch.bool)}
+
+    class _Loader:
+        def setup(self, stage: str) -> None:
+            pass
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(frames, batch_size=2, collate_fn=collate)  # type: ignore[arg-type]
+
+    trainer = StatisticalTrainer(pipeline=_rx_only(), datamodule=_Loader())
+    assert trainer._batches("train").fresh is True
+    report = trainer.fit()
+    assert max(alive) * 2 * 128 * 128 <= gather_rows(12) + 2 * 128 * 128
+    x = torch.stack(frames).reshape(-1, 12).double()
+    assert _rel(report.root_moments["data.cube"].m2, (x - x.mean(0)).T @ (x - x.mean(0))) <= 1e-12
+
+
+def test_data_module_frames_are_a_fresh_source(make_dm: Callable[..., Any]) -> None:
+    assert StatisticalTrainer(pipeline=_rx_only(), datamodule=make_dm())._batches(
+        "train").fresh is True
+
+
 def test_too_few_pixels_is_an_error(make_dm: Callable[..., Any]) -> None:
     with pytest.raises(DataValidationError, match=r"training pixels reached data.cube"):
         StatisticalTrainer(pipeline=_rx_only(), datamodule=make_dm(), sample_fraction=1e-9).fit()

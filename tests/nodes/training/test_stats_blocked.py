@@ -252,3 +252,85 @@ def test_pool_workers_cap_mkl_even_where_mkl_num_threads_is_set() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=REPO, check=True, timeout=120).stdout.split()
     assert out == ["2", "1"]
+
+
+
+def test_several_batches_sum_as_their_concatenation() -> None:
+    """A list of batches (mixed dtypes, an empty one) is summed as one, none copied to join."""
+    rng = np.random.default_rng(11)
+    parts = [(rng.normal(size=(n, 17)) * 5 + 40).astype(np.float32)
+             for n in (sb.MIN_STRIPE_ROWS + 3, 0, 9_001, 2 * sb.MIN_STRIPE_ROWS)]
+    parts[2] = parts[2].astype(np.float64)
+    x = np.concatenate(parts).astype(np.float64)
+    shift = torch.from_numpy(x[:50].mean(axis=0))
+    y = x - shift.numpy()
+    for workers in (1, 2, 3):
+        ysum, gram, lo, hi = sb.blocked_sums([torch.from_numpy(p) for p in parts], shift,
+                                             workers=workers, rows=4_000)
+        assert np.linalg.norm(ysum - y.sum(axis=0)) <= 1e-12 * np.linalg.norm(
+            np.abs(y).sum(axis=0))
+        assert _rel(gram, y.T @ y) <= 1e-12
+        assert lo is not None and hi is not None
+        np.testing.assert_array_equal(lo, x.min(axis=0))
+        np.testing.assert_array_equal(hi, x.max(axis=0))
+    with pytest.raises(ValueError, match="at least one sample"):
+        sb.blocked_sums([torch.zeros(0, 17)], shift)
+
+
+def test_blocks_are_equal_and_a_multiple_of_the_workers() -> None:
+    x = np.zeros((65_536, 3), dtype=np.float32)
+    blocks = sb._blocks(x, 11_456, 2)
+    assert len(blocks) == 6 and sum(len(b) for b in blocks) == 65_536
+    assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 6
+    assert len(sb._blocks(x, 11_456, 4)) == 8
+    assert all(b.base is x for b in blocks)  # views, not copies
+
+
+def test_gather_holds_small_batches_and_sums_them_together(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """gather=True: batches under gather_rows wait; reading the state sums them; same state."""
+    calls: list[int] = []
+    inner = sb.blocked_sums
+
+    def counting(x: torch.Tensor | list[torch.Tensor], *a: object, **k: object) -> sb.Sums:
+        calls.append(len(x) if isinstance(x, list) else 1)
+        return inner(x, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("nodes.training.stats.blocked_sums", counting)
+    rng = np.random.default_rng(8)
+    limit = sb.gather_rows(13)
+    parts = [(rng.normal(size=(limit // 3 + 7 * i, 13)) * 4 + 800).astype(np.float32)
+             for i in range(7)]
+    plain, gathered = MomentAccumulator(13), MomentAccumulator(13, gather=True)
+    for part in parts:
+        plain.update(torch.from_numpy(part))
+    assert calls == [1] * 7
+    calls.clear()
+    for part in parts:
+        gathered.update(torch.from_numpy(part))
+    assert calls == [3, 3]  # three batches make one call's worth; one is still held
+    _check(gathered.state, np.concatenate(parts))  # reading the state sums the last one
+    assert calls == [3, 3, 1]
+    for name in ("mean", "m2"):
+        a, b = getattr(gathered.state, name).numpy(), getattr(plain.state, name).numpy()
+        assert _rel(a, b) <= 1e-13
+    gathered.update(torch.from_numpy(parts[0]))
+    gathered.reset()  # drops what is held
+    assert gathered.state.count == 0
+
+
+def test_gather_rows_follows_the_workers_and_is_capped() -> None:
+    cap = sb.GATHER_MAX_BYTES // (61 * 4)
+    one = sb.gather_rows(61, workers=1)
+    assert one == min(cap, 2 * sb.STRIPES_PER_WORKER * sb.block_rows(61))
+    assert sb.gather_rows(61, workers=2) == min(cap, 2 * one)
+    assert sb.gather_rows(61, workers=1024) == cap
+
+
+def test_tiny_batches_among_large_ones_still_split_over_workers() -> None:
+    rng = np.random.default_rng(12)
+    parts = [rng.normal(size=(n, 5)).astype(np.float32) for n in (1, 3 * sb.MIN_STRIPE_ROWS, 1)]
+    x = np.concatenate(parts).astype(np.float64)
+    shift = torch.zeros(5, dtype=torch.float64)
+    _, gram, _, _ = sb.blocked_sums([torch.from_numpy(p) for p in parts], shift, workers=2)
+    assert _rel(gram, x.T @ x) <= 1e-12
