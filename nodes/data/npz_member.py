@@ -9,6 +9,11 @@ cache, every epoch) maps the member instead (a private, copy-on-write mapping of
 so the batch that stacks it is the only copy of the frame's bytes. A file changed since it was
 verified is read and checked again, never mapped. Frames kept for long (a data module's cache) are
 copied out of the mapping (:func:`is_mapped`), so a file truncated in place later cannot fault.
+
+Verifying a version also records where each member's data lies (offset, shape, dtype): a
+re-read of that version (:func:`read_verified`) opens the file once and maps or reads the
+members from there, without parsing the zip directory and the ``.npy`` headers again (half of a
+re-read's cost, ~0.3 ms per frame, next to ~1 ms of summing it in Phase 1).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import mmap
 import threading
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,21 @@ _VERIFIED: set[tuple[str, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
 #: Members at least this large are mapped on re-reads; smaller ones are simply read.
 MAP_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a verified, stored (uncompressed) member's array data lies in its file."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran: bool
+
+
+#: Per verified file version (file, size, mtime): the archive's member names and the layouts of
+#: the members verified so far.
+_LAYOUTS: dict[tuple[str, int, int], tuple[tuple[str, ...], dict[str, _Layout]]] = {}
 
 
 def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
@@ -78,9 +99,57 @@ def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
             crc = zlib.crc32(raw.data, zlib.crc32(fh.read(head_len)))
             if crc != info.CRC:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{key}.npy'")
+            layout = _Layout(start + head_len, tuple(int(d) for d in shape), dtype, fortran)
             with _VERIFIED_LOCK:
                 _VERIFIED.add(tag)
+                entry = _LAYOUTS.setdefault(tag[:3], (tuple(npz.files), {}))
+                entry[1][key] = layout
     return out
+
+
+def read_verified(path: Path, keys: tuple[str, ...]
+                  ) -> tuple[dict[str, np.ndarray], tuple[str, ...]] | None:
+    """The members ``keys`` (those the archive has) of a verified version, by their layouts.
+
+    Args:
+        path: The ``.npz`` file.
+        keys: Member names wanted (without ``.npy``).
+
+    Returns:
+        ``(arrays, names of all the archive's members)``, or None where this version of the
+        file (size, modification time) was not verified, or a wanted member is compressed or
+        not verified yet: then the caller reads it through NumPy and :func:`read_member`.
+
+    Raises:
+        EOFError: The file is shorter than the recorded layout (changed meanwhile).
+    """
+    st = path.stat()
+    with _VERIFIED_LOCK:
+        entry = _LAYOUTS.get((str(path), st.st_size, st.st_mtime_ns))
+    if entry is None:
+        return None
+    names, layouts = entry
+    wanted = [k for k in keys if k in names]
+    if any(k not in layouts for k in wanted):
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    with open(path, "rb") as fh:
+        for key in wanted:
+            lay = layouts[key]
+            nbytes = int(np.prod(lay.shape, dtype=np.int64)) * lay.dtype.itemsize
+            if nbytes >= MAP_MIN_BYTES and not lay.fortran:
+                mapped = _map(fh, st.st_size, lay.offset, lay.shape, lay.dtype)
+                if mapped is None:
+                    return None  # the file changed size since the stat: read it afresh
+                arrays[key] = mapped
+                continue
+            out = np.empty(lay.shape, dtype=lay.dtype, order="F" if lay.fortran else "C")
+            raw = out.reshape(-1, order="A").view(np.uint8)
+            fh.seek(lay.offset)
+            if raw.size and fh.readinto(raw.data) != raw.size:
+                raise EOFError(f"member {key}.npy is truncated")
+            arrays[key] = out
+    return arrays, names
 
 
 def _map(fh: Any, size: int, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]

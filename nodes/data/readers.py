@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nodes.data.npz_member import read_member as _read_member
+from nodes.data.npz_member import read_verified as _read_verified
 from nodes.errors import DataValidationError
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".mat", ".npz", ".cu3s")
@@ -245,6 +246,16 @@ def _load_npz(path: Path, require_labels: bool) -> tuple[dict[str, np.ndarray], 
         "it is truncated or corrupt. Fix: re-export the frame with Cubert's tools (keys cube, "
         "wavelengths, mask, class_mask), or restore it (`dvc pull` for bundled data)."
     )
+    keys = ("cube", "mask", "class_mask", "wavelengths")
+    try:  # a re-read of a verified version: straight from the recorded member layouts
+        cached = _read_verified(path, keys)
+    except (ValueError, OSError, EOFError, MemoryError):
+        cached = None  # read it through NumPy below, which reports what is wrong
+    if cached is not None:
+        arrays, names = cached
+        has_labels = "mask" in names or "class_mask" in names
+        if "cube" in names and (has_labels or not require_labels):
+            return arrays, has_labels
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as exc:  # BadZipFile, ValueError, OSError, EOFError ...
@@ -269,11 +280,7 @@ def _load_npz(path: Path, require_labels: bool) -> tuple[dict[str, np.ndarray], 
                 "supply labels through a COCO annotation file."
             )
         try:
-            arrays = {
-                k: _read_member(path, npz, k)
-                for k in ("cube", "mask", "class_mask", "wavelengths")
-                if k in npz
-            }
+            arrays = {k: _read_member(path, npz, k) for k in keys if k in npz}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as exc:
             raise DataValidationError(
                 f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); {corrupt_fix}"

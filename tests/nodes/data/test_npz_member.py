@@ -124,3 +124,49 @@ def test_cached_frames_own_their_memory(tmp_path: Path, monkeypatch: pytest.Monk
                           cache_bytes=0)
     lean.setup()
     assert npz_member.is_mapped(lean.get_frame(0).cube)  # re-read on demand: mapped
+
+
+def test_a_verified_version_is_reread_from_its_recorded_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-reads skip the zip directory and the .npy headers; a changed file is parsed again."""
+    monkeypatch.setattr(npz_member, "MAP_MIN_BYTES", 1)
+    path = tmp_path / "layout.npz"
+    arrays = _write(path)
+    first = read_npz(path)
+    real_load = np.load
+
+    def no_load(*a: object, **k: object) -> object:
+        raise AssertionError("np.load on a re-read of a verified version")
+
+    monkeypatch.setattr(np, "load", no_load)
+    again = read_npz(path)
+    for key in ("cube", "mask", "class_mask", "wavelengths"):
+        got = getattr(again, key) if key != "wavelengths" else again.wavelengths
+        want = getattr(first, key)
+        assert got is not None and want is not None
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(again.cube, arrays["cube"])
+    assert npz_member.is_mapped(again.cube)
+    got_arrays, names = npz_member.read_verified(path, ("cube", "class_mask", "absent")) or ({}, ())
+    assert set(got_arrays) == {"cube", "class_mask"} and "mask" in names
+    assert got_arrays["class_mask"].flags.f_contiguous  # stored Fortran order kept
+    np.testing.assert_array_equal(got_arrays["class_mask"], arrays["class_mask"])
+    # A new version (size or mtime) is not served from the old layout: read and checked again.
+    raw = bytearray(path.read_bytes())
+    raw[_cube_data_offset(path) + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    assert npz_member.read_verified(path, ("cube",)) is None
+    monkeypatch.setattr(np, "load", real_load)
+    with pytest.raises(DataValidationError, match="CRC"):
+        read_npz(path)
+
+
+def test_compressed_archives_are_never_served_from_a_layout(tmp_path: Path) -> None:
+    path = tmp_path / "z.npz"
+    _write(path, compressed=True)
+    read_npz(path)
+    read_npz(path)
+    assert npz_member.read_verified(path, ("cube",)) is None
