@@ -75,10 +75,11 @@ class TensorBatches:
     val_dataloader = train_dataloader
 
 
-def add_cube_args(ap: argparse.ArgumentParser, cubes: int, repeats_help: str | None = None) -> None:
+def add_cube_args(ap: argparse.ArgumentParser, cubes: int, repeats_help: str | None = None,
+                  repeats: int = 3) -> None:
     """The options every benchmark over synthetic cubes shares: how many, how large, batching."""
     ap.add_argument("--cubes", type=int, default=cubes)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--channels", type=int, default=61)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    ap.add_argument("--repeats", type=int, default=repeats, help=repeats_help)

@@ -444,8 +444,10 @@ class CubeDataModule(L.LightningDataModule):
         a one-frame batch is the frame itself (a mapped re-read of a verified ``.npz`` member, a
         cached or in-memory array), with no copy into a stacked batch; on a 2-vCPU Xeon that
         copy was a quarter of Phase 1's time from ``.npz``. Each batch holds what a collated
-        batch of one holds (``cube`` (1, H, W, C), ``mask`` (1, H, W), ...); one is alive at a
-        time if the consumer drops each before the next.
+        batch of one holds (``cube`` (1, H, W, C), ``mask`` (1, H, W), ...) in tensors of its
+        own, never written afterwards, so a consumer may keep a few and sum them together
+        (Phase 1 does, up to :func:`nodes.training.stats_blocked.gather_rows` pixels); one is
+        alive at a time if the consumer drops each before the next.
 
         Args:
             split: Split name.
