@@ -393,12 +393,13 @@ class StatisticalTrainer:
         frames = getattr(dm, "frame_batches", None)
         loader: Iterable[Mapping[str, Any]] | None = frames(split) if callable(frames) else None
         # Batches a later one never overwrites: a data module's own frames, or a torch
-        # DataLoader's collated (new) tensors. Passes may then sum a batch while the next is
-        # read (MomentAccumulator's gather); any other iterable might reuse its buffers.
+        # DataLoader's collated (new) tensors. Passes may then hold a few small ones and sum
+        # them together (MomentAccumulator's gather); any other iterable, or a DataLoader
+        # without batching (its dataset's items as they are), might reuse its buffers.
         fresh = loader is not None
         if loader is None:
             loader = getattr(dm, f"{split}_dataloader")()
-            fresh = isinstance(loader, DataLoader)
+            fresh = isinstance(loader, DataLoader) and loader.batch_size is not None
         rank, world = _rank_world() if shard else (0, 1)
         return BatchStream(self._iterate(loader, split, rank, world), fresh=fresh)
 

@@ -387,6 +387,13 @@ def test_fresh_batch_sources_are_gathered_within_the_bound() -> None:
     assert trainer._batches("train").fresh is True
     report = trainer.fit()
     assert max(alive) * 2 * 128 * 128 <= gather_rows(12) + 2 * 128 * 128
+
+    class _Unbatched(_Loader):
+        def train_dataloader(self) -> DataLoader[Any]:  # items as they are: maybe one buffer
+            return DataLoader(frames, batch_size=None)  # type: ignore[arg-type]
+
+    assert StatisticalTrainer(pipeline=_rx_only(), datamodule=_Unbatched())._batches(
+        "train").fresh is False
     x = torch.stack(frames).reshape(-1, 12).double()
     assert _rel(report.root_moments["data.cube"].m2, (x - x.mean(0)).T @ (x - x.mean(0))) <= 1e-12
 
