@@ -121,7 +121,7 @@ def fused_vs_cpu(cubes: torch.Tensor) -> dict[str, object]:
 
 def sweep(args: argparse.Namespace) -> dict[str, object]:
     """Time the fused kernel's launch settings on one batch of 16 cubes (C = 61)."""
-    from nodes import stats_cuda
+    from nodes.training import stats_cuda
 
     x = make_cubes_torch(16, 256, 61, seed=0, device="cuda").reshape(-1, 61)
     shift = x[:4096].double().mean(0)

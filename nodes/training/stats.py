@@ -184,11 +184,15 @@ def _fused_backend() -> ModuleType | None:
     global _FUSED, _FUSED_TRIED
     if not _FUSED_TRIED:
         _FUSED_TRIED = True
+        # Only Triton's absence turns the kernel off: any other import error is raised (a wrong
+        # module path, left by the regrouping of nodes/ in 4b988cd, silently turned it off).
         try:
-            from nodes import stats_cuda
+            import triton  # noqa: F401
         except ImportError:
             _FUSED = None
         else:
+            from nodes.training import stats_cuda
+
             _FUSED = stats_cuda
     return _FUSED
 

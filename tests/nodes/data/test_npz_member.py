@@ -51,6 +51,15 @@ def _cube_data_offset(path: Path) -> int:
                                   "little") + 128
 
 
+def _flip_a_cube_byte(path: Path) -> None:
+    """Write a new version of the file: one bit of the cube flipped, a later mtime."""
+    raw = bytearray(path.read_bytes())
+    raw[_cube_data_offset(path) + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+
+
 def test_flipped_byte_is_caught_by_the_crc(tmp_path: Path) -> None:
     path = tmp_path / "flip.npz"
     _write(path)
@@ -67,11 +76,7 @@ def test_crc_is_checked_once_per_file_version(tmp_path: Path) -> None:
     read_npz(path)
     assert any(t[0] == str(path) for t in npz_member._VERIFIED)
     read_npz(path)  # re-read: verified already, same result
-    raw = bytearray(path.read_bytes())
-    raw[_cube_data_offset(path) + 3] ^= 0x01
-    path.write_bytes(bytes(raw))  # a new version (size or mtime): checked again
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    _flip_a_cube_byte(path)  # a new version (size or mtime): checked again
     with pytest.raises(DataValidationError, match="CRC"):
         read_npz(path)
 
@@ -99,11 +104,7 @@ def test_a_verified_version_is_mapped_and_a_changed_one_read_again(
     np.testing.assert_array_equal(again, arrays["cube"])
     again[0, 0, 0] = 42.0  # private copy-on-write mapping: the file is never written
     np.testing.assert_array_equal(read_npz(path).cube, arrays["cube"])
-    raw = bytearray(path.read_bytes())
-    raw[_cube_data_offset(path) + 3] ^= 0x01
-    path.write_bytes(bytes(raw))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    _flip_a_cube_byte(path)
     with pytest.raises(DataValidationError, match="CRC"):
         read_npz(path)
 
@@ -153,11 +154,7 @@ def test_a_verified_version_is_reread_from_its_recorded_layout(
     assert got_arrays["class_mask"].flags.f_contiguous  # stored Fortran order kept
     np.testing.assert_array_equal(got_arrays["class_mask"], arrays["class_mask"])
     # A new version (size or mtime) is not served from the old layout: read and checked again.
-    raw = bytearray(path.read_bytes())
-    raw[_cube_data_offset(path) + 3] ^= 0x01
-    path.write_bytes(bytes(raw))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    _flip_a_cube_byte(path)
     assert npz_member.read_verified(path, ("cube",)) is None
     monkeypatch.setattr(np, "load", real_load)
     with pytest.raises(DataValidationError, match="CRC"):

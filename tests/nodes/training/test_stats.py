@@ -224,3 +224,21 @@ def test_affine_composition_equals_single_map() -> None:
     single = st.affine(a2 @ a1, a2 @ b1)
     assert _rel(chained.mean, single.mean) <= 1e-10
     assert _rel(chained.m2, single.m2) <= 1e-10
+
+
+def test_fused_backend_is_the_triton_module_where_triton_imports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA kernel module is found at its path; only Triton's absence turns it off."""
+    import importlib.util
+
+    from nodes.training import stats as stats_mod
+
+    assert importlib.util.find_spec("nodes.training.stats_cuda") is not None
+    monkeypatch.setattr(stats_mod, "_FUSED_TRIED", False)
+    monkeypatch.setattr(stats_mod, "_FUSED", None)
+    has_triton = importlib.util.find_spec("triton") is not None
+    backend = stats_mod._fused_backend()
+    assert (backend is not None) == has_triton
+    if backend is not None:
+        assert backend.__name__ == "nodes.training.stats_cuda"

@@ -44,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _check(x: torch.Tensor, **kw: Any) -> None:
     """moment_sums of ``x`` (on DEVICE) against float64 torch on the CPU."""
-    from nodes import stats_cuda
+    from nodes.training import stats_cuda
 
     xc = x.cpu().to(F64)
     shift = xc[: min(len(xc), 64)].mean(0) + 0.25  # off the mean: no all-zero case
@@ -84,7 +84,7 @@ def test_float64_input() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes_take_the_torch_path(dtype: torch.dtype) -> None:
-    from nodes import stats_cuda
+    from nodes.training import stats_cuda
 
     assert not stats_cuda.supports(torch.zeros(4, 3, dtype=dtype))
     if torch.cuda.is_available():
@@ -104,7 +104,7 @@ def test_strided_input() -> None:
 
 @needs_device
 def test_nan_reaches_min_max_and_untracked_minmax() -> None:
-    from nodes import stats_cuda
+    from nodes.training import stats_cuda
 
     x = _data(200, 6)
     x[17, 2] = float("nan")
@@ -122,7 +122,7 @@ def test_nan_reaches_min_max_and_untracked_minmax() -> None:
 @needs_device
 @pytest.mark.parametrize(("c", "programs"), [(61, 3), (70, 2), (16, 2)])
 def test_fold_equals_the_float64_merge(c: int, programs: int) -> None:
-    from nodes import stats_cuda
+    from nodes.training import stats_cuda
 
     a, b = _data(300, c, seed=1), _data(257, c, seed=2) * 1.5 - 7.0
     if c == 16:
@@ -134,7 +134,7 @@ def test_fold_equals_the_float64_merge(c: int, programs: int) -> None:
     want = ref.finalize()
     for st, shift in ((start, start.mean), (MomentState.empty(c), b[:64].double().mean(0))):
         got = MomentState(*stats_cuda.fold(
-            tuple(t.to(DEVICE) for t in st._tensors()),
+            st.to(DEVICE or "cpu")._tensors(),
             b.to(DEVICE), shift.to(DEVICE), num_programs=programs, block_n=32)).to("cpu")
         exp = want if st is start else MomentState.from_samples(b.double())
         assert got.count == exp.count
@@ -142,7 +142,7 @@ def test_fold_equals_the_float64_merge(c: int, programs: int) -> None:
         assert torch.equal(got.min, exp.min) and torch.equal(got.max, exp.max)
         assert torch.equal(got.m2, got.m2.T)
     kept = MomentState(*stats_cuda.fold(
-        tuple(t.to(DEVICE) for t in start._tensors()),
+        start.to(DEVICE or "cpu")._tensors(),
         b.to(DEVICE), start.mean.to(DEVICE), track_minmax=False, num_programs=programs,
         block_n=32)).to("cpu")
     assert torch.equal(kept.min, start.min) and torch.equal(kept.max, start.max)
