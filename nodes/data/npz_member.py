@@ -34,6 +34,8 @@ _VERIFIED: set[tuple[str, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
 #: Members at least this large are mapped on re-reads; smaller ones are simply read.
 MAP_MIN_BYTES = 1 << 20
+#: File versions remembered as verified (with their member layouts), the newest kept.
+MAX_VERIFIED = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,24 @@ def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
             if crc != info.CRC:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{key}.npy'")
             layout = _Layout(start + head_len, tuple(int(d) for d in shape), dtype, fortran)
-            with _VERIFIED_LOCK:
-                _VERIFIED.add(tag)
-                entry = _LAYOUTS.setdefault(tag[:3], (tuple(npz.files), {}))
-                entry[1][key] = layout
+            _remember(tag, tuple(npz.files), layout)
     return out
+
+
+def _remember(tag: tuple[str, int, int, str], names: tuple[str, ...], layout: _Layout) -> None:
+    """Record a verified member and its layout.
+
+    The oldest file versions are forgotten past :data:`MAX_VERIFIED` (a long-running process
+    reads new frames for ever); a forgotten version is simply read and checked again.
+    """
+    with _VERIFIED_LOCK:
+        _VERIFIED.add(tag)
+        entry = _LAYOUTS.setdefault(tag[:3], (names, {}))
+        entry[1][tag[3]] = layout
+        while len(_LAYOUTS) > MAX_VERIFIED:
+            old = next(iter(_LAYOUTS))  # dicts keep insertion order: the oldest version
+            for member in _LAYOUTS.pop(old)[1]:
+                _VERIFIED.discard((*old, member))
 
 
 def read_verified(path: Path, keys: tuple[str, ...]

@@ -167,3 +167,19 @@ def test_compressed_archives_are_never_served_from_a_layout(tmp_path: Path) -> N
     read_npz(path)
     read_npz(path)
     assert npz_member.read_verified(path, ("cube",)) is None
+
+
+def test_only_the_newest_file_versions_are_remembered(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(npz_member, "MAX_VERIFIED", 2)
+    monkeypatch.setattr(npz_member, "_VERIFIED", set())
+    monkeypatch.setattr(npz_member, "_LAYOUTS", {})
+    paths = [tmp_path / f"v{i}.npz" for i in range(3)]
+    for p in paths:
+        _write(p)
+        read_npz(p)
+    remembered = {t[0] for t in npz_member._VERIFIED}
+    assert remembered == {str(paths[1]), str(paths[2])}
+    assert npz_member.read_verified(paths[0], ("cube",)) is None  # forgotten: checked again
+    np.testing.assert_array_equal(read_npz(paths[0]).cube, read_npz(paths[2]).cube)
+    assert str(paths[0]) in {t[0] for t in npz_member._VERIFIED}
