@@ -28,9 +28,6 @@ from typing import Any
 
 import numpy as np
 
-#: Members whose CRC-32 was checked, by (file, size, mtime, member): a file is verified once per
-#: version, and re-reads of the same file (a data module without a frame cache) skip the CRC.
-_VERIFIED: set[tuple[str, int, int, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
 #: Members at least this large are mapped on re-reads; smaller ones are simply read.
 MAP_MIN_BYTES = 1 << 20
@@ -47,9 +44,15 @@ class _Layout:
     dtype: np.dtype[Any]
     fortran: bool
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array data."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-#: Per verified file version (file, size, mtime): the archive's member names and the layouts of
-#: the members verified so far.
+
+#: The members whose CRC-32 was checked, per file version (file, size, mtime): the archive's
+#: member names and each verified member's layout. A file is verified once per version; re-reads
+#: of it (a data module without a frame cache) skip the CRC and the parsing.
 _LAYOUTS: dict[tuple[str, int, int], tuple[tuple[str, ...], dict[str, _Layout]]] = {}
 
 
@@ -83,25 +86,21 @@ def read_member(path: Path, npz: Any, key: str) -> np.ndarray:
         if dtype.hasobject:
             return np.asarray(npz[key])  # NumPy refuses it (allow_pickle=False) with its message
         head_len = fh.tell() - start
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes + head_len > info.file_size:
+        layout = _Layout(fh.tell(), tuple(int(d) for d in shape), dtype, fortran)
+        if layout.nbytes + head_len > info.file_size:
             raise EOFError(f"member {key}.npy is shorter than its header says")
         with _VERIFIED_LOCK:
-            verified = tag in _VERIFIED
-        if verified and nbytes >= MAP_MIN_BYTES and not fortran:
-            mapped = _map(fh, st.st_size, fh.tell(), shape, dtype)
+            verified = key in _LAYOUTS.get(tag[:3], ((), {}))[1]
+        if verified and layout.nbytes >= MAP_MIN_BYTES and not fortran:
+            mapped = _map(fh, st.st_size, layout)
             if mapped is not None:
                 return mapped
-        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-        raw = out.reshape(-1, order="A").view(np.uint8)
-        if raw.size and fh.readinto(raw.data) != raw.size:
-            raise EOFError(f"member {key}.npy is truncated")
+        out, raw = _read_array(fh, layout, key)
         if not verified:
             fh.seek(start)
             crc = zlib.crc32(raw.data, zlib.crc32(fh.read(head_len)))
             if crc != info.CRC:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{key}.npy'")
-            layout = _Layout(start + head_len, tuple(int(d) for d in shape), dtype, fortran)
             _remember(tag, tuple(npz.files), layout)
     return out
 
@@ -113,13 +112,9 @@ def _remember(tag: tuple[str, int, int, str], names: tuple[str, ...], layout: _L
     reads new frames for ever); a forgotten version is simply read and checked again.
     """
     with _VERIFIED_LOCK:
-        _VERIFIED.add(tag)
-        entry = _LAYOUTS.setdefault(tag[:3], (names, {}))
-        entry[1][tag[3]] = layout
+        _LAYOUTS.setdefault(tag[:3], (names, {}))[1][tag[3]] = layout
         while len(_LAYOUTS) > MAX_VERIFIED:
-            old = next(iter(_LAYOUTS))  # dicts keep insertion order: the oldest version
-            for member in _LAYOUTS.pop(old)[1]:
-                _VERIFIED.discard((*old, member))
+            del _LAYOUTS[next(iter(_LAYOUTS))]  # dicts keep insertion order: the oldest
 
 
 def read_verified(path: Path, keys: tuple[str, ...]
@@ -151,25 +146,28 @@ def read_verified(path: Path, keys: tuple[str, ...]
     with open(path, "rb") as fh:
         for key in wanted:
             lay = layouts[key]
-            nbytes = int(np.prod(lay.shape, dtype=np.int64)) * lay.dtype.itemsize
-            if nbytes >= MAP_MIN_BYTES and not lay.fortran:
-                mapped = _map(fh, st.st_size, lay.offset, lay.shape, lay.dtype)
+            if lay.nbytes >= MAP_MIN_BYTES and not lay.fortran:
+                mapped = _map(fh, st.st_size, lay)
                 if mapped is None:
                     return None  # the file changed size since the stat: read it afresh
                 arrays[key] = mapped
-                continue
-            out = np.empty(lay.shape, dtype=lay.dtype, order="F" if lay.fortran else "C")
-            raw = out.reshape(-1, order="A").view(np.uint8)
-            fh.seek(lay.offset)
-            if raw.size and fh.readinto(raw.data) != raw.size:
-                raise EOFError(f"member {key}.npy is truncated")
-            arrays[key] = out
+            else:
+                arrays[key] = _read_array(fh, lay, key)[0]
     return arrays, names
 
 
-def _map(fh: Any, size: int, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]
-         ) -> np.ndarray | None:
-    """A C-ordered array over bytes ``offset..`` of the open file, None if it changed size.
+def _read_array(fh: Any, layout: _Layout, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The member's array read with one ``readinto``, and its bytes (for the CRC)."""
+    out = np.empty(layout.shape, dtype=layout.dtype, order="F" if layout.fortran else "C")
+    raw = out.reshape(-1, order="A").view(np.uint8)
+    fh.seek(layout.offset)
+    if raw.size and fh.readinto(raw.data) != raw.size:
+        raise EOFError(f"member {key}.npy is truncated")
+    return out, raw
+
+
+def _map(fh: Any, size: int, layout: _Layout) -> np.ndarray | None:
+    """A C-ordered array over the member's bytes in the open file, None if it changed size.
 
     The mapping is private and copy-on-write (writes never reach the file); it lives as long as
     the array does.
@@ -178,11 +176,10 @@ def _map(fh: Any, size: int, offset: int, shape: tuple[int, ...], dtype: np.dtyp
         m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
         return None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(m) != size or offset + nbytes > len(m):
+    if len(m) != size or layout.offset + layout.nbytes > len(m):
         m.close()
         return None
-    return np.ndarray(shape, dtype=dtype, buffer=m, offset=offset)
+    return np.ndarray(layout.shape, dtype=layout.dtype, buffer=m, offset=layout.offset)
 
 
 def is_mapped(a: np.ndarray) -> bool:

@@ -275,16 +275,17 @@ class MomentAccumulator:
             )
         if x.shape[0] == 0:
             return
-        if self.gather and x.device.type == "cpu":
+        if x.device.type == "cpu":  # summed now, or held for later with gather
             self._held.append(x.detach())
             self._held_rows += x.shape[0]
-            if self._held_rows >= gather_rows(self.num_channels, x.element_size()):
+            if (not self.gather
+                    or self._held_rows >= gather_rows(self.num_channels, x.element_size())):
                 self._sum_held()
             return
         self._sum_held()
-        known = self._known_count()
         if x.device != self._state.mean.device:
-            self._state = self._state.to(x.device)
+            self._state_to(x.device)
+        known = self._known_count()
         shift = self._shift(x, known)
         n = x.shape[0]
         fused = _fused_backend() if x.is_cuda and self.fused else None
@@ -294,21 +295,24 @@ class MomentAccumulator:
                                                   track_minmax=self.track_minmax))
             self._count = None if known is None else (self._state, known + n)
             return
-        if x.device.type == "cpu":
-            self._merge_sums(self._cpu_sums([x], shift), n, shift)
-        else:
-            self._merge_sums(self._torch_sums(x.detach(), shift), n, shift)
+        self._merge_sums(self._torch_sums(x.detach(), shift), n, shift)
 
     def _sum_held(self) -> None:
-        """Sum the batches held back by ``gather`` in one blocked pass and merge them."""
+        """Sum the held CPU batches (several only with ``gather``) in one blocked pass, merge."""
         if not self._held:
             return
         held, n = self._held, self._held_rows
         self._held, self._held_rows = [], 0
         if self._state.mean.device.type != "cpu":
-            self._state = self._state.to("cpu")
+            self._state_to(torch.device("cpu"))
         shift = self._shift(held[0], self._known_count())
         self._merge_sums(self._cpu_sums(held, shift), n, shift)
+
+    def _state_to(self, device: torch.device) -> None:
+        """Move the state to ``device``, keeping the sample count the host knows."""
+        known = self._known_count()
+        self._state = self._state.to(device)
+        self._count = None if known is None else (self._state, known)
 
     def _merge_sums(self, sums: TensorSums, n: int, shift: Tensor) -> None:
         """Merge ``n`` samples, given their sums of ``x - shift``, into the state."""

@@ -74,7 +74,7 @@ def test_crc_is_checked_once_per_file_version(tmp_path: Path) -> None:
     path = tmp_path / "once.npz"
     _write(path)
     read_npz(path)
-    assert any(t[0] == str(path) for t in npz_member._VERIFIED)
+    assert any(t[0] == str(path) for t in npz_member._LAYOUTS)
     read_npz(path)  # re-read: verified already, same result
     _flip_a_cube_byte(path)  # a new version (size or mtime): checked again
     with pytest.raises(DataValidationError, match="CRC"):
@@ -172,14 +172,13 @@ def test_compressed_archives_are_never_served_from_a_layout(tmp_path: Path) -> N
 def test_only_the_newest_file_versions_are_remembered(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(npz_member, "MAX_VERIFIED", 2)
-    monkeypatch.setattr(npz_member, "_VERIFIED", set())
     monkeypatch.setattr(npz_member, "_LAYOUTS", {})
     paths = [tmp_path / f"v{i}.npz" for i in range(3)]
     for p in paths:
         _write(p)
         read_npz(p)
-    remembered = {t[0] for t in npz_member._VERIFIED}
+    remembered = {t[0] for t in npz_member._LAYOUTS}
     assert remembered == {str(paths[1]), str(paths[2])}
     assert npz_member.read_verified(paths[0], ("cube",)) is None  # forgotten: checked again
     np.testing.assert_array_equal(read_npz(paths[0]).cube, read_npz(paths[2]).cube)
-    assert str(paths[0]) in {t[0] for t in npz_member._VERIFIED}
+    assert str(paths[0]) in {t[0] for t in npz_member._LAYOUTS}
